@@ -1,0 +1,116 @@
+"""`moe-lm`: the command line. Every command that takes a recipe also takes `key=value` overrides.
+
+    moe-lm prepare-data recipes/quickstart.yaml
+    moe-lm train recipes/quickstart.yaml train.max_steps=100 model.moe.router.name=mpi
+    moe-lm info recipes/350m_e8.yaml
+    moe-lm compare runs/a runs/b --out runs/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_lm.config import ConfigError, load_config
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from moe_lm.data import prepare_data
+    from moe_lm.data.prepare import load_meta
+
+    cfg = load_config(args.recipe, args.overrides)
+    data_dir = prepare_data(cfg.data, cfg.model.seq_len)
+    meta = load_meta(data_dir)
+    _print_table(f"prepared {data_dir}", [(k, f"{v:,}" if isinstance(v, int) else str(v)) for k, v in meta.items()
+                                           if not isinstance(v, (dict, list))])
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from moe_lm.train import Trainer
+
+    cfg = load_config(args.recipe, args.overrides)
+    trainer = Trainer(cfg)
+    summary = trainer.train()
+    if trainer.is_main:
+        _print_table(f"{cfg.run.name}: {cfg.run.dir}/summary.json", [
+            ("router", summary["router"]),
+            ("steps", f"{summary['steps']:,}"),
+            ("tokens", f"{summary['tokens']:,}"),
+            ("val loss", f"{summary['val_loss']:.4f}"),
+            ("val ppl", f"{summary['val_ppl']:.2f}"),
+            ("unigram ppl (same tokens)", f"{summary['unigram_ppl']:.2f}"),
+            ("load CV (mean over layers)", f"{summary.get('moe/load_cv_mean', float('nan')):.3f}"),
+            ("collapse rate", f"{summary.get('moe/collapse_rate', float('nan')):.3f}"),
+            ("token routing entropy", f"{summary.get('moe/token_entropy', float('nan')):.3f}"),
+            ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("MFU", f"{summary.get('mfu', float('nan')):.2%}"),
+        ])
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from moe_lm.model.transformer import count_parameters
+
+    cfg = load_config(args.recipe, args.overrides)
+    counts = count_parameters(cfg.model)
+    m = cfg.model
+    _print_table(f"{args.recipe}", [
+        ("layers x width x heads", f"{m.n_layers} x {m.d_model} x {m.n_heads}"),
+        ("experts / top-k / MoE every", f"{m.moe.num_experts} / {m.moe.top_k} / {m.moe.layer_freq} layer(s)"),
+        ("router", m.moe.router.name),
+        ("base (dense) parameters", f"{counts.base:,}"),
+        ("total parameters (all experts)", f"{counts.total:,}"),
+        ("active parameters per token", f"{counts.active:,}"),
+        ("parameters per expert", f"{counts.per_expert:,}"),
+        ("training FLOPs per token", f"{counts.flops_per_token:.3e}"),
+    ])
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from moe_lm.metrics.compare import compare_runs
+
+    report = compare_runs(args.runs, args.out)
+    print(report.read_text())
+    print(f"wrote {report} and plots in {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-lm", description="Mixture-of-Experts LM pretraining for router research")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_text in [("train", cmd_train, "train a recipe"),
+                                  ("prepare-data", cmd_prepare_data, "tokenizer + token files for a recipe's data"),
+                                  ("info", cmd_info, "parameter and FLOP counts of a recipe (nothing allocated)")]:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        p.set_defaults(func=func)
+    p = sub.add_parser("compare", help="table and plots comparing finished runs")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    # DeepSpeed's launcher appends --local_rank=N; the rank comes from the environment anyway.
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        sys.exit(f"moe-lm: config error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Decoder-only MoE transformer: pre-norm blocks of causal RoPE attention and a SwiGLU FFN, where every
+`model.moe.layer_freq`-th FFN is a DeepSpeed MoE layer with a moe-lm router.
+
+forward(input_ids_BS, targets_BS=None) -> (logits_BSV, lm_loss, aux_loss); aux_loss is Σ over MoE layers of
+each router's weighted aux losses (already scaled by their coefficients).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lm.config.schema import ModelConfig
+from moe_lm.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
+from moe_lm.moe import MoEFeedForward
+from moe_lm.routers import build_router
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.ffn, MoEFeedForward):
+            y, l_aux = self.ffn(self.ffn_norm(x))
+            return x + y, l_aux
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled by depth
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        blocks = []
+        for i in range(cfg.n_layers):
+            if cfg.is_moe_layer(i):
+                router = build_router(cfg.moe.router, cfg.d_model, cfg.moe.num_experts, cfg.moe.top_k)
+                ffn = MoEFeedForward(cfg.d_model, cfg.moe.expert_width(cfg.d_ff), cfg.moe, router, ep_size, ep_rank,
+                                     cfg.init_std, out_std, seed, layer_idx=i)
+            else:
+                ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+            blocks.append(Block(cfg, ffn))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self._init_dense_weights(out_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _init_dense_weights(self, out_std: float) -> None:
+        """Normal(0, init_std) for embeddings and dense matrices; depth-scaled for residual outputs.
+
+        Experts are initialised by `MoEFeedForward` (per global expert) and routers by themselves.
+        """
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=self.cfg.init_std)
+            nn.init.normal_(block.attn.out.weight, std=out_std)
+            if isinstance(block.ffn, SwiGLU):
+                nn.init.normal_(block.ffn.w1.weight, std=self.cfg.init_std)
+                nn.init.normal_(block.ffn.w3.weight, std=self.cfg.init_std)
+                nn.init.normal_(block.ffn.w2.weight, std=out_std)
+        nn.init.normal_(self.embed.weight, std=self.cfg.init_std)
+        nn.init.normal_(self.lm_head.weight, std=self.cfg.init_std)
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
+
+    def forward(self, input_ids_BS: Tensor, targets_BS: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        if input_ids_BS.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"sequence of {input_ids_BS.shape[1]} tokens > model.seq_len={self.cfg.seq_len}")
+        x = self.embed(input_ids_BS)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, l_aux = block(x, self.rope_cos, self.rope_sin)
+            if l_aux is not None:
+                aux_loss = aux_loss + l_aux
+        logits_BSV = self.lm_head(self.norm(x))
+        lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+        return logits_BSV, lm_loss, aux_loss
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    """All parameters, every expert included."""
+    active: int
+    """Parameters a token passes through: everything but the experts, plus top_k experts per MoE layer."""
+    per_expert: int
+    base: int
+    """The dense base model (one FFN per layer, no router): the number in a DeepSpeed-MoE preset name."""
+    embedding: int
+    lm_head: int
+    flops_per_token: float
+    """Training FLOPs per token, torchtitan convention: 6·N_active_matmul + 12·L·d·S (no causal discount), where
+    N_active_matmul excludes the input embedding lookup unless it is tied to the lm_head."""
+
+
+def count_parameters(cfg: ModelConfig) -> ParameterCounts:
+    """Parameter and FLOP counts of `cfg` from a model built on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    moe_layers = model.moe_layers()
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = sum(p.numel() for p in moe_layers[0].local_experts[0].parameters()) if moe_layers else 0
+    routers = sum(p.numel() for layer in moe_layers for p in layer.router.parameters())
+    experts = per_expert * cfg.moe.num_experts * len(moe_layers)
+    active = total - experts + per_expert * cfg.moe.top_k * len(moe_layers)
+    base = total - experts - routers + per_expert * len(moe_layers)
+    embedding = model.embed.weight.numel()
+    lm_head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
+    matmul_params = active if cfg.tie_embeddings else active - embedding  # a tied embedding still runs as lm_head
+    flops = 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
+    return ParameterCounts(total, active, per_expert, base, embedding, lm_head, float(flops))

@@ -1,0 +1,299 @@
+"""`grmoe`: Grassmannian MoE routing with Matrix-Bingham concentrations (Shihab, Akter, Sharma, arXiv 2602.17798).
+
+Only the paper's abstract is public [ABS]: gating weights "arise from the concentration parameters of Matrix
+Bingham distributions" on the Grassmannian; one knob, the concentration matrix Λ, continuously controls routing
+entropy; amortized variational inference gives posterior routing; bounds tie the concentration spectrum to
+entropy, top-k mass and collapse; post-hoc sparsity tuning without retraining. Everything concrete below is
+our DERIVED design (docs/routers.md §1.4–1.7, §1.10; docs/routers/grmoe.md), not the paper's method.
+
+Shape suffixes: T tokens, D model width, M routing dimension m, P subspace dimension p, E experts,
+K dispatch slots per token (top_k in training; max_experts under threshold dispatch), H VI hidden width.
+
+Routing, per token h [DERIVED]:
+    x̂     = normalize(P h)                                   a line through 0: a point of Gr(1, m)
+    U_e   = qr(W_e).Q ∈ St(m, p)                             expert e's mean subspace (only U_eU_eᵀ matters)
+    κ_e   = softplus(ρ_e)                                    expert e's concentration (Λ = diag κ)
+    s_e   = κ_e ||U_eᵀ x̂||² − log ₁F₁(p/2; m/2; κ_e)         Bingham log-likelihood of x̂ under expert e
+    g^(α) = softmax(α · s)                                   posterior responsibility of a Bingham mixture
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
+from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.functional import (bingham_log_likelihood, diag_gaussian_kl, entropy, gumbel_topk_routing,
+                                       marginal_kl_to_uniform, mass_threshold_routing, subspace_affinity,
+                                       subspace_overlap, switch_load_balancing_loss, topk_mass_min_gap, topk_routing)
+
+DISPATCH_MODES = ("topk", "sample")
+VARIATIONAL_MODES = ("none", "logit", "concentration")
+KAPPA_INIT_EPS = 0.05
+"""Auto κ₀ is the C1 gap at which a token inside one subspace can put 1 − ε = 95% of its mass on its top-k."""
+KAPPA_CAP = 1000.0
+"""Upper clamp of per-token concentrations κ_e·exp(δ) (VI option B): far past one-hot routing (C1 needs Δ ≈ 5),
+and it bounds the length of the Kummer series, which grows like κ."""
+SIGMA_FLOOR = 1e-4
+"""Smallest VI standard deviation, so log σ in the KL stays finite."""
+
+
+@dataclass
+class GrMoEConfig(RouterConfig):
+    name: str = "grmoe"
+    subspace_dim: int = 0
+    """p, the dimension of each expert's subspace. 0 = auto: 8 for E <= 8, 4 for E <= 16, 2 otherwise."""
+    routing_dim: int = 0
+    """m, the dimension of the routing space the tokens are projected to. 0 = E·p (orthogonal tiling)."""
+    kappa_init: float = 0.0
+    """κ₀, initial concentration of every expert. 0 = auto from C1: log[(E−k)(1−ε)/(kε)] / α with ε = 0.05
+    (4.0 for E=8, 4.9 for E=16, 5.7 for E=32, at k=2)."""
+    alpha: float = 1.0
+    """α, the sharpness of g^(α) = softmax(α·s) in training; `GrMoERouter.set_alpha` changes it after training."""
+    dispatch: str = "topk"
+    """Training dispatch: "topk" (the k most probable experts) or "sample" (k experts sampled from g^(α) without
+    replacement, Gumbel-top-k: posterior sampling). Evaluation is deterministic either way."""
+    eval_threshold: float = 0.0
+    """τ. 0 = evaluation dispatches the top-k; > 0 = each token gets the smallest set of experts whose mass is
+    >= τ, at most `max_experts` (-1 pads the unused slots)."""
+    max_experts: int = 0
+    """k_max, the cap of threshold dispatch. 0 = model.moe.top_k."""
+    renormalize: bool = True
+    """Renormalise the combine weights of the dispatched experts to sum to 1."""
+    variational: str = "none"
+    """Amortized VI: "none"; "logit" (option A: q(ℓ|h) = N(ℓ(x), σ_φ(h)²), prior N(ℓ(x), σ₀²)); "concentration"
+    (option B: per-token log-concentration offsets δ ~ N(μ_φ(h), σ_φ(h)²), prior N(0, s₀²), κ̃ = κ·e^δ)."""
+    vi_hidden_dim: int = 64
+    """Width of the 2-layer VI network φ."""
+    prior_sigma: float = 1.0
+    """σ₀, prior standard deviation of the logits in option A."""
+    prior_scale: float = 0.5
+    """s₀, prior standard deviation of the log-concentration offsets in option B."""
+    kl_coef: float = 1e-3
+    """β_KL, coefficient of mean_t KL(q(·|h_t) || prior) (VI only)."""
+    balance_coef: float = 1e-2
+    """β_bal, coefficient of KL(ḡ || uniform) = log E − H(ḡ), ḡ the batch-mean routing distribution."""
+    separation_coef: float = 1e-3
+    """β_sep, coefficient of L_sep = mean_{e≠e'} ||U_eᵀU_e'||_F² / p (0 when the subspaces are orthogonal)."""
+    load_balance_coef: float = 0.0
+    """Standard Switch/GShard load-balancing loss on top (0 = off; for parity runs with the baseline)."""
+
+    def resolved_subspace_dim(self, num_experts: int) -> int:
+        if self.subspace_dim:
+            return self.subspace_dim
+        return 8 if num_experts <= 8 else 4 if num_experts <= 16 else 2
+
+    def resolved_routing_dim(self, num_experts: int) -> int:
+        return self.routing_dim or num_experts * self.resolved_subspace_dim(num_experts)
+
+    def resolved_kappa_init(self, num_experts: int, top_k: int) -> float:
+        if self.kappa_init:
+            return self.kappa_init
+        gap = topk_mass_min_gap(num_experts, top_k, KAPPA_INIT_EPS)
+        return (gap if gap > 0 else 4.0) / self.alpha  # top_k = E: C1 is vacuous, keep a moderate κ
+
+    def resolved_max_experts(self, top_k: int) -> int:
+        return self.max_experts or top_k
+
+    def validate(self, moe: MoEConfig) -> None:
+        def require(ok: bool, key: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.moe.router.{key}", message)
+
+        for key in ("subspace_dim", "routing_dim", "max_experts"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("kappa_init", "kl_coef", "balance_coef", "separation_coef", "load_balance_coef"):
+            require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("alpha", "prior_sigma", "prior_scale"):
+            require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        require(self.vi_hidden_dim >= 1, "vi_hidden_dim", f"must be >= 1, got {self.vi_hidden_dim}")
+        require(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        require(self.variational in VARIATIONAL_MODES, "variational",
+                f"must be one of {VARIATIONAL_MODES}, got {self.variational!r}")
+        require(0 <= self.eval_threshold <= 1, "eval_threshold", f"must be in [0, 1], got {self.eval_threshold}")
+        require(self.max_experts <= moe.num_experts, "max_experts",
+                f"{self.max_experts} > model.moe.num_experts={moe.num_experts}")
+        p, m = self.resolved_subspace_dim(moe.num_experts), self.resolved_routing_dim(moe.num_experts)
+        require(p < m, "subspace_dim", f"p={p} must be < routing_dim m={m}: a subspace filling the routing space "
+                                       f"gives every token the same affinity")
+        if m < moe.num_experts * p:
+            warnings.warn(f"model.moe.router.routing_dim={m} < num_experts·subspace_dim={moe.num_experts * p}: the "
+                          f"expert subspaces cannot be mutually orthogonal, so they start overlapping")
+
+
+def softplus_inverse(y: float) -> float:
+    """x with softplus(x) = log(1 + e^x) = y, for y > 0."""
+    return y + math.log(-math.expm1(-y))
+
+
+def orthogonal_tiling(routing_dim: int, num_experts: int, subspace_dim: int) -> Tensor:
+    """[E, m, p] frames cut from the columns of random orthogonal m×m matrices (routers.md §1.5). [DERIVED]
+
+    With m >= E·p the E subspaces are mutually orthogonal (all principal angles 90°), and with m = E·p they tile
+    R^m: Σ_e ||U_eᵀx̂||² = 1 for every unit x̂. Past m columns a fresh orthogonal matrix is drawn.
+    """
+    blocks = math.ceil(num_experts * subspace_dim / routing_dim)
+    columns = torch.cat([torch.linalg.qr(torch.randn(routing_dim, routing_dim)).Q for _ in range(blocks)], dim=1)
+    return columns[:, :num_experts * subspace_dim].reshape(routing_dim, num_experts, subspace_dim).transpose(0, 1)
+
+
+class GrMoERouter(Router):
+    """GrMoE router: Bingham-mixture responsibilities of a token line over E expert subspaces. [DERIVED]
+
+    1. project: x̂ = normalize(P h) ∈ Gr(1, m) (P: `proj`, d → m);
+    2. frames: U_e = qr(W_e).Q ∈ St(m, p) (W: `frame_basis_EMP`, unconstrained; QR keeps U_e orthonormal exactly
+       whatever the optimizer does, no retraction needed), initialised by orthogonal tiling;
+    3. score: s_e = κ_e·||U_eᵀx̂||² − log ₁F₁(p/2; m/2; κ_e), κ_e = softplus(ρ_e) (`rho_E`); with VI option B the
+       concentration is per token, κ̃_te = κ_e·exp(δ_te);
+    4. gate: g^(α) = softmax(α·s) (option A adds σ_φ(h)·ε to the logits in training);
+    5. dispatch: training top-k or Gumbel-top-k; evaluation top-k, or the mass threshold τ capped at k_max;
+    6. losses (unscaled, training only): balance KL(ḡ||U), separation, VI KL, optional Switch LBL.
+    """
+
+    def __init__(self, cfg: GrMoEConfig, d_model: int, num_experts: int, top_k: int):
+        super().__init__(cfg, d_model, num_experts, top_k)
+        self.subspace_dim = cfg.resolved_subspace_dim(num_experts)
+        self.routing_dim = cfg.resolved_routing_dim(num_experts)
+        self.alpha = cfg.alpha
+        self.eval_threshold = cfg.eval_threshold
+        self.max_experts = cfg.resolved_max_experts(top_k)
+        self.proj = nn.Linear(d_model, self.routing_dim, bias=False)
+        nn.init.orthogonal_(self.proj.weight)  # x̂ is scale-free; orthogonal rows keep all token directions
+        self.frame_basis_EMP = nn.Parameter(orthogonal_tiling(self.routing_dim, num_experts, self.subspace_dim))
+        kappa_init = cfg.resolved_kappa_init(num_experts, top_k)
+        self.rho_E = nn.Parameter(torch.full((num_experts,), softplus_inverse(kappa_init)))
+        if cfg.variational != "none":
+            # option A: σ per expert; option B: (μ, σ) per expert. Starts at q = prior (KL = 0).
+            outputs = num_experts if cfg.variational == "logit" else 2 * num_experts
+            self.vi_net = nn.Sequential(nn.Linear(d_model, cfg.vi_hidden_dim), nn.SiLU(),
+                                        nn.Linear(cfg.vi_hidden_dim, outputs))
+            nn.init.normal_(self.vi_net[2].weight, std=0.01)
+            with torch.no_grad():
+                prior_std = cfg.prior_sigma if cfg.variational == "logit" else cfg.prior_scale
+                self.vi_net[2].bias.zero_()
+                self.vi_net[2].bias[-num_experts:] = softplus_inverse(prior_std - SIGMA_FLOOR)
+
+    # ---- post-hoc knobs (no retraining) -------------------------------------------------------------------------
+
+    def set_alpha(self, alpha: float) -> None:
+        """Sharpness α of g^(α) = softmax(α·s) from now on (training and evaluation). Entropy falls as α grows."""
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def set_eval_threshold(self, tau: float, max_experts: int | None = None) -> None:
+        """Evaluation dispatch: τ = 0 → top-k; τ > 0 → smallest expert set with mass >= τ, at most `max_experts`
+        (None keeps the current cap)."""
+        if not 0 <= tau <= 1:
+            raise ValueError(f"eval threshold must be in [0, 1], got {tau}")
+        if max_experts is not None and not 1 <= max_experts <= self.num_experts:
+            raise ValueError(f"max_experts must be in [1, {self.num_experts}], got {max_experts}")
+        self.eval_threshold = float(tau)
+        if max_experts is not None:
+            self.max_experts = int(max_experts)
+
+    @property
+    def no_weight_decay_param_names(self) -> tuple[str, ...]:
+        """Parameters to keep out of weight decay: decaying ρ would pull every κ toward log 2 (routers.md §1.10)."""
+        return ("rho_E",)
+
+    # ---- the math ------------------------------------------------------------------------------------------------
+
+    def frames(self) -> Tensor:
+        """U [E, m, p], orthonormal columns per expert (reduced QR; the column signs are irrelevant)."""
+        return torch.linalg.qr(self.frame_basis_EMP.float()).Q
+
+    def concentrations(self) -> Tensor:
+        """κ [E] = softplus(ρ)."""
+        return F.softplus(self.rho_E.float())
+
+    @property
+    def loss_coefs(self) -> dict[str, float]:
+        cfg = self.cfg
+        return {"balance": cfg.balance_coef, "separation": cfg.separation_coef, "kl": cfg.kl_coef,
+                "load_balance": cfg.load_balance_coef}
+
+    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None) -> RouterOutput:
+        cfg = self.cfg
+        x_TD = x_TD.float()  # fp32 routing math: softmax over bf16 logits loses ties and mass
+        x_hat_TM = F.normalize(F.linear(x_TD, self.proj.weight.float()), dim=-1)
+        frames_EMP = self.frames()
+        affinity_TE = subspace_affinity(x_hat_TM, frames_EMP)
+        kappa_E = self.concentrations()
+        sample = self.training  # VI noise and Gumbel sampling in training; means and top-k in evaluation
+
+        kl_T = vi_sigma_TE = None
+        if cfg.variational == "concentration":
+            mu_TE, vi_sigma_TE = self._vi_net_outputs(x_TD)
+            delta_TE = mu_TE + vi_sigma_TE * torch.randn_like(mu_TE) if sample else mu_TE
+            kappa_TE = (kappa_E * delta_TE.exp()).clamp(max=KAPPA_CAP)
+            scores_TE = bingham_log_likelihood(affinity_TE, kappa_TE, self.subspace_dim, self.routing_dim)
+            kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_scale)
+        else:
+            scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim)
+        logits_TE = self.alpha * scores_TE
+        if cfg.variational == "logit":
+            _, vi_sigma_TE = self._vi_net_outputs(x_TD)
+            if sample:
+                logits_TE = logits_TE + vi_sigma_TE * torch.randn_like(logits_TE)
+            kl_T = diag_gaussian_kl(torch.zeros_like(vi_sigma_TE), vi_sigma_TE, cfg.prior_sigma)
+        probs_TE = logits_TE.softmax(dim=-1)
+
+        if self.training:
+            if cfg.dispatch == "sample":
+                weights_TK, expert_ids_TK = gumbel_topk_routing(probs_TE, self.top_k, cfg.renormalize)
+            else:
+                weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
+        elif self.eval_threshold > 0:
+            weights_TK, expert_ids_TK = mass_threshold_routing(probs_TE, self.eval_threshold, self.max_experts,
+                                                               cfg.renormalize)
+        else:
+            weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
+
+        losses: dict[str, Tensor] = {}
+        if self.training and torch.is_grad_enabled():
+            losses["balance"] = marginal_kl_to_uniform(probs_TE)
+            losses["separation"] = subspace_overlap(frames_EMP) / self.subspace_dim
+            if kl_T is not None:
+                losses["kl"] = kl_T.mean()
+            if cfg.load_balance_coef > 0:
+                losses["load_balance"] = switch_load_balancing_loss(probs_TE, expert_ids_TK)
+        stats = self._stats(probs_TE, expert_ids_TK, kappa_E, frames_EMP, vi_sigma_TE)
+        return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
+
+    def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ_φ(h), σ_φ(h)), each [T, E]; μ is zeros for option A (its posterior mean is the deterministic logit)."""
+        out_TX = F.linear(F.silu(F.linear(x_TD, self.vi_net[0].weight.float(), self.vi_net[0].bias.float())),
+                          self.vi_net[2].weight.float(), self.vi_net[2].bias.float())
+        sigma_TE = F.softplus(out_TX[:, -self.num_experts:]) + SIGMA_FLOOR
+        mu_TE = out_TX[:, :self.num_experts] if out_TX.shape[1] == 2 * self.num_experts else torch.zeros_like(sigma_TE)
+        return mu_TE, sigma_TE
+
+    @torch.no_grad()
+    def _stats(self, probs_TE: Tensor, expert_ids_TK: Tensor, kappa_E: Tensor, frames_EMP: Tensor,
+               vi_sigma_TE: Tensor | None) -> dict[str, Tensor]:
+        token_entropy = entropy(probs_TE).mean()
+        stats = {
+            "kappa_mean": kappa_E.mean(), "kappa_min": kappa_E.min(), "kappa_max": kappa_E.max(),
+            "token_entropy": token_entropy,
+            "effective_experts": token_entropy.exp(),
+            "topk_mass": probs_TE.topk(self.top_k, dim=-1).values.sum(-1).mean(),
+            "active_experts": (expert_ids_TK >= 0).sum(-1).float().mean(),
+            "separation": subspace_overlap(frames_EMP),
+        }
+        if vi_sigma_TE is not None:
+            stats["vi_sigma_mean"] = vi_sigma_TE.mean()
+        return {name: value.detach().float() for name, value in stats.items()}
+
+    @torch.no_grad()
+    def diagnostics(self, expert_w1_EFD: Tensor | None = None) -> dict[str, float]:
+        """Per-expert concentrations κ_e (the learned Λ) and the mean subspace overlap."""
+        out = {f"grmoe/kappa/e{j}": float(k) for j, k in enumerate(self.concentrations().tolist())}
+        out["grmoe/separation"] = float(subspace_overlap(self.frames()))
+        return out

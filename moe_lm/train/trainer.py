@@ -1,0 +1,237 @@
+"""The training loop: recipe -> DeepSpeed engine -> steps, validation, metrics, summary.
+
+One optimizer step: the global batch (micro_batch_size x grad_accum_steps x world_size sequences, in the
+sampler's seeded order) is cut into this rank's micro-batches; each runs forward (LM loss + the routers'
+weighted aux losses) and backward through the DeepSpeed engine, which reduces dense gradients over all
+ranks and expert gradients over the expert-data-parallel group, clips and steps at the accumulation
+boundary. The routing records of every MoE layer go to the routing tracker, reduced across ranks once per
+step; routers then get their once-per-step hook (`post_step`, e.g. an expert-bias update).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from tqdm import tqdm
+
+from moe_lm.config import Config, ConfigError, to_dict, to_yaml
+from moe_lm.data import PackedDataset, ResumableSampler, TokenFile, make_batch, prepare_data, rank_slice
+from moe_lm.data.prepare import load_meta, unigram_perplexity
+from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops
+from moe_lm.model.transformer import MoETransformer, count_parameters
+from moe_lm.moe.deepspeed_moe import stable_seed
+from moe_lm.train.distributed import DistEnv, check_layout, init_distributed, resolve_env
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices, not norms or 1-D parameters (biases, concentrations); then DeepSpeed's MoE split, so that
+    expert parameters form their own groups (ZeRO 1/2 require it)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "name": "decay", "weight_decay": weight_decay},
+              {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.global_batch_size(world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW: no JIT-compiled fused/CPU Adam
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.env = env or resolve_env()
+        check_layout(cfg.parallel, self.env.world_size, cfg.model.moe.num_experts)
+        self.device = init_distributed(cfg.parallel, self.env)
+        self.rank, self.world = self.env.rank, self.env.world_size
+        self.is_main = self.rank == 0
+        self.run_dir = Path(cfg.run.dir)
+        self.progress = progress and self.is_main
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            prepare_data(cfg.data, cfg.model.seq_len, progress=self.progress)
+        dist.barrier()
+        self.meta = load_meta(cfg.data.dir)
+        if self.meta["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < the tokenizer's vocabulary "
+                              f"{self.meta['vocab_size']} in {cfg.data.dir}")
+        data_dir = Path(cfg.data.dir)
+        self.train_data = PackedDataset(TokenFile(data_dir / "train"), cfg.model.seq_len)
+        self.val_data = PackedDataset(TokenFile(data_dir / "val"), cfg.model.seq_len)
+        self.sampler = ResumableSampler(len(self.train_data), cfg.train.seed)
+        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.world
+        self.val_ids = [i % len(self.val_data) for i in range(val_samples)]  # a fixed prefix, wrapped if short
+
+        torch.manual_seed(cfg.train.seed)  # identical dense/router init on every rank
+        ep_rank = self.rank % cfg.parallel.ep_size  # DeepSpeed's default topology: EP groups of consecutive ranks
+        model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, cfg.train.seed).to(self.device)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
+        t = cfg.train
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+                                      betas=(t.beta1, t.beta2), eps=t.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world, self.bf16))
+        self.model: MoETransformer = self.engine.module
+        torch.manual_seed(stable_seed(cfg.train.seed, "train", self.rank))  # router noise (jitter, sampling)
+
+        self.counts = count_parameters(cfg.model)
+        self.tracker = RoutingTracker(len(self.model.moe_layers()), cfg.model.moe.num_experts,
+                                      cfg.metrics.dead_expert_share, cfg.metrics.per_layer)
+        peak, self.peak_source = peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
+        # one meter per logging interval, one for the whole run (the summary)
+        self.meters = [ThroughputMeter(self.counts.flops_per_token, peak, self.world, self.device) for _ in range(2)]
+        self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank)
+        self.step = 0
+        self.consumed_samples = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.global_batch_size(self.world) * self.cfg.model.seq_len
+
+    def _train_step(self) -> dict[str, float]:
+        t = self.cfg.train
+        ids = rank_slice(self.sampler.global_batch(self.consumed_samples, t.global_batch_size(self.world)),
+                         self.rank, self.world)
+        sums = torch.zeros(2, device=self.device)  # lm loss, aux loss, summed over micro-batches
+        for micro in range(t.grad_accum_steps):
+            inputs, targets = make_batch(self.train_data, ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
+            _, lm_loss, aux_loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            self.engine.backward(lm_loss + aux_loss)
+            for layer, moe in enumerate(self.model.moe_layers()):
+                self.tracker.record(layer, moe.gate.record)
+            self.engine.step()
+            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
+        self.consumed_samples += t.global_batch_size(self.world)
+        self.step += 1
+        dist.all_reduce(sums)
+        sums /= t.grad_accum_steps * self.world
+        metrics = self.tracker.compute(reset=True)
+        for layer, moe in enumerate(self.model.moe_layers()):
+            moe.router.post_step(self.tracker.layer_counts(layer))
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update({"train/loss": sums[0].item(), "train/aux_loss": sums[1].item(),
+                        "train/ppl": math.exp(min(sums[0].item(), 50.0)), "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "tokens": self.step * self.tokens_per_step})
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss over a fixed prefix of the validation split; every rank runs the same number of batches, so the
+        MoE all-to-alls stay matched."""
+        t = self.cfg.train
+        self.engine.eval()
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss·tokens, tokens
+        per_batch = t.micro_batch_size * self.world
+        for b in range(t.eval_batches):
+            ids = self.val_ids[b * per_batch:(b + 1) * per_batch]
+            inputs, targets = make_batch(self.val_data, rank_slice(ids, self.rank, self.world))
+            _, lm_loss, _ = self.engine(inputs.to(self.device), targets.to(self.device))
+            sums += torch.stack([lm_loss.double() * targets.numel(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+        self.engine.train()
+        dist.all_reduce(sums)
+        loss = (sums[0] / sums[1]).item()
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+    def _diagnostics(self) -> dict[str, float]:
+        """Routers' costly measurements: scalars averaged over MoE layers; per-layer and per-expert values (keys
+        like `.../e3`) only with `metrics.per_layer`."""
+        with torch.no_grad():
+            per_layer = [moe.router.diagnostics(moe.local_expert_w1()) for moe in self.model.moe_layers()]
+        out = {}
+        for key in per_layer[0] if per_layer else []:
+            if "/e" not in key:
+                out[f"router/{key}"] = sum(d[key] for d in per_layer) / len(per_layer)
+            if self.cfg.metrics.per_layer:
+                out.update({f"router/layer{i}/{key}": d[key] for i, d in enumerate(per_layer)})
+        return out
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc=self.cfg.run.name,
+                   unit="step", dynamic_ncols=True)
+        val = {}
+        interval_meter, run_meter = self.meters
+        for meter in self.meters:
+            meter.start()
+        while self.step < t.max_steps:
+            metrics = self._train_step()
+            for meter in self.meters:
+                meter.step(self.tokens_per_step)
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                metrics.update(interval_meter.compute(reset=True))
+                metrics["moe/load_shares"] = self.tracker.last_load_shares()
+            if self.step % self.cfg.metrics.diagnostics_interval == 0 or self.step == 1:
+                metrics.update(self._diagnostics())
+            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                val = self.evaluate()
+                metrics.update(val)
+            if "moe/load_shares" in metrics or "val/loss" in metrics:
+                self.loggers.log(metrics, self.step)
+            for meter in self.meters:
+                meter.start()  # evaluation and logging are not charged to the next step
+            if "perf/tokens_per_s" in metrics:
+                self.tokens_per_s = metrics["perf/tokens_per_s"]
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ppl=f"{metrics['train/ppl']:.1f}",
+                            tok_s=f"{getattr(self, 'tokens_per_s', 0.0):.0f}", refresh=False)
+            bar.update(1)
+            self.last_metrics = metrics
+        bar.close()
+        return self._finish(val)
+
+    def _unigram_ppl(self) -> float:
+        """Perplexity of the train-set unigram distribution on exactly the validation tokens scored above."""
+        train_tokens = self.train_data.token_file.tokens(0, self.train_data.token_file.num_tokens)
+        val_targets = make_batch(self.val_data, self.val_ids)[1].flatten().numpy()
+        return unigram_perplexity(train_tokens, val_targets, self.meta["vocab_size"])
+
+    def _finish(self, val: dict[str, float]) -> dict:
+        run_meter_summary = self.meters[1].compute()
+        summary = {
+            "run": self.cfg.run.name, "router": self.cfg.model.moe.router.name,
+            "val_loss": val["val/loss"], "val_ppl": val["val/ppl"],
+            "unigram_ppl": self._unigram_ppl(),
+            "steps": self.step, "tokens": self.step * self.tokens_per_step,
+            "params_total": self.counts.total, "params_active": self.counts.active,
+            **{key.removeprefix("perf/"): value for key, value in run_meter_summary.items()},
+            "peak_flops_source": self.peak_source,
+            **{k: v for k, v in self.last_metrics.items() if k.startswith(("moe/", "router/")) and k != "moe/load_shares"},
+        }
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.loggers.summary(summary)
+        self.loggers.close()
+        return summary

@@ -1,0 +1,80 @@
+"""The decoder: causal, counted correctly, trainable end to end through DeepSpeed's MoE layer."""
+
+import pytest
+import torch
+
+from moe_lm.config import load_config
+from moe_lm.model.transformer import MoETransformer, count_parameters
+
+
+def tiny_config(*overrides):
+    return load_config(None, ["model.vocab_size=64", "model.seq_len=16", "model.n_layers=2", "model.d_model=32",
+                              "model.n_heads=4", "model.d_ff=48", "model.moe.num_experts=4", "model.moe.top_k=2",
+                              "model.moe.drop_tokens=false", *overrides])
+
+
+def test_changing_a_future_token_never_changes_an_earlier_logit():
+    # dropless: with a capacity limit, a later token can take an earlier token's expert slot (a known
+    # property of token-dropping MoE), which is not a property of the decoder
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_config().model).eval()
+    tokens = torch.randint(0, 64, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % 64
+    with torch.no_grad():
+        logits, _, _ = model(tokens)
+        logits_changed, _, _ = model(changed)
+    torch.testing.assert_close(logits[:, :10], logits_changed[:, :10], rtol=0, atol=0)
+    assert not torch.allclose(logits[:, 10:], logits_changed[:, 10:])
+
+
+def test_loss_is_next_token_cross_entropy_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_config().model)
+    tokens = torch.randint(0, 64, (2, 16))
+    logits, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
+    torch.testing.assert_close(lm_loss, expected)
+    assert aux_loss > 0
+    (lm_loss + aux_loss).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_moe_layer_placement_follows_layer_freq():
+    model = MoETransformer(tiny_config("model.n_layers=4", "model.moe.layer_freq=2").model)
+    assert [i for i, b in enumerate(model.blocks) if b.ffn in model.moe_layers()] == [1, 3]
+
+
+def test_experts_start_from_independent_initialisations():
+    layer = MoETransformer(tiny_config().model, seed=0).moe_layers()[0]
+    w1 = layer.local_expert_w1()
+    assert not any(torch.equal(w1[i], w1[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_expert_weights_depend_on_global_id_not_on_ep_layout():
+    full = MoETransformer(tiny_config().model, ep_size=1, ep_rank=0, seed=5).moe_layers()[0].local_expert_w1()
+    torch.manual_seed(0)
+    second_half = MoETransformer(tiny_config().model, ep_size=2, ep_rank=1, seed=5).moe_layers()[0].local_expert_w1()
+    torch.testing.assert_close(second_half, full[2:], rtol=0, atol=0)
+
+
+def test_parameter_counts_match_the_built_model():
+    cfg = tiny_config("model.moe.layer_freq=2")
+    counts = count_parameters(cfg.model)
+    model = MoETransformer(cfg.model)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    d, f, e, v = 32, 48, 4, 64
+    per_expert = 3 * d * f
+    assert counts.per_expert == per_expert
+    # one MoE layer (layer 1 of 2): active = total − (E − k) experts; base = one FFN, no router
+    assert counts.active == counts.total - (e - 2) * per_expert
+    assert counts.base == counts.total - (e - 1) * per_expert - d * e
+    assert counts.embedding == v * d
+
+
+@pytest.mark.parametrize("recipe, base", [("350m_e8", 350e6), ("1.3b_e16", 1.3e9), ("2.7b_e32", 2.7e9)])
+def test_presets_are_named_after_their_dense_base_model(recipe, base):
+    counts = count_parameters(load_config(f"recipes/{recipe}.yaml").model)
+    assert abs(counts.base - base) / base < 0.10
+    assert counts.total > 2 * counts.base

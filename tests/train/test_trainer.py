@@ -1,0 +1,53 @@
+"""The training loop end to end, in one real process: data, DeepSpeed engine, metrics files, summary."""
+
+import json
+import math
+
+from moe_lm.config import load_config
+from tests.distributed_utils import run_distributed
+
+CORPUS = "\n".join(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
+
+
+def tiny_overrides(tmp_path, *extra):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(8):
+        (corpus / f"doc{i}.txt").write_text(CORPUS[i * 2000:(i + 1) * 2000 + 4000])
+    return [f"data.sources=[{corpus}]", f"data.dir={tmp_path / 'data'}", "data.vocab_size=300", "data.val_fraction=0.2",
+            "model.vocab_size=300", "model.seq_len=32", "model.n_layers=2", "model.d_model=32", "model.n_heads=4",
+            "model.d_ff=48", "model.moe.num_experts=4", "model.moe.top_k=2", "train.micro_batch_size=4",
+            "train.max_steps=8", "train.warmup_steps=2", "train.eval_interval=4", "train.eval_batches=2",
+            "train.log_interval=2", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", *extra]
+
+
+def _train(rank, world_size, overrides):
+    from moe_lm.train import Trainer
+
+    Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False).train()
+
+
+def test_training_writes_metrics_and_a_summary_and_lowers_the_loss(tmp_path):
+    run_distributed(_train, 1, tiny_overrides(tmp_path, "train.grad_accum_steps=2"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+    assert [r["step"] for r in rows if "val/loss" in r] == [4, 8]
+    assert train_rows[-1]["tokens"] == 8 * 2 * 4 * 32  # steps x accumulation x micro-batch x sequence
+    assert len(train_rows[-1]["moe/load_shares"]) == 2 and len(train_rows[-1]["moe/load_shares"][0]) == 4
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("val_loss", "val_ppl", "unigram_ppl", "tokens_per_s", "steps", "tokens", "moe/load_cv_mean",
+                "moe/collapse_rate", "moe/token_entropy"):
+        assert key in summary, key
+    assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]), rel_tol=1e-9)
+    assert summary["steps"] == 8 and summary["router"] == "softmax_topk"
+    assert (tmp_path / "run" / "config.yaml").read_text().count("num_experts: 4") == 1
+
+
+def test_router_is_swapped_by_name_from_the_command_line(tmp_path):
+    run_distributed(_train, 1, tiny_overrides(tmp_path, "model.moe.router.name=mpi", "train.max_steps=2",
+                                              "train.eval_interval=2", "metrics.diagnostics_interval=1"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["router"] == "mpi" and summary["steps"] == 2
