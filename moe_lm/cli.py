@@ -2,8 +2,11 @@
 
     moe-lm prepare-data recipes/quickstart.yaml
     moe-lm train recipes/quickstart.yaml train.max_steps=100 model.moe.router.name=mpi
+    moe-lm train recipes/quickstart.yaml train.resume=auto        # continue from the newest complete checkpoint
+    moe-lm export runs/quickstart/checkpoints/step_00000300 --out quickstart.safetensors
     moe-lm info recipes/350m_e8.yaml
     moe-lm compare runs/a runs/b --out runs/compare
+    moe-lm eval runs/quickstart_grmoe --out runs/quickstart_grmoe/sweep      # alpha/tau sweep, no retraining
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import argparse
 import sys
 
 from moe_lm.config import ConfigError, load_config
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after checkpointing; rerun with train.resume=auto
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -38,11 +43,25 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from moe_lm.train import Trainer
+    from moe_lm.train.distributed import check_layout, init_distributed, resolve_env
 
     cfg = load_config(args.recipe, args.overrides)
-    trainer = Trainer(cfg)
-    summary = trainer.train()
+    env = resolve_env()
+    # before the data stack is imported: a bad layout ends every rank within seconds with the same message, and
+    # an unreachable master within parallel.init_timeout_s; the Trainer then finds the process group ready
+    check_layout(cfg.parallel, env.world_size, cfg.model.moe.num_experts)
+    init_distributed(cfg.parallel, env)
+    from moe_lm.train import Trainer
+    from moe_lm.train.checkpoint import CheckpointError
+    from moe_lm.train.faults import TrainingDiverged
+
+    try:
+        trainer = Trainer(cfg, env)
+        summary = trainer.train()
+    except (CheckpointError, TrainingDiverged) as exc:
+        sys.exit(f"moe-lm: {exc}")
+    if summary.get("interrupted"):
+        sys.exit(EXIT_INTERRUPTED)
     if trainer.is_main:
         _print_table(f"{cfg.run.name}: {cfg.run.dir}/summary.json", [
             ("router", summary["router"]),
@@ -54,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             ("load CV (mean over layers)", f"{summary.get('moe/load_cv_mean', float('nan')):.3f}"),
             ("collapse rate", f"{summary.get('moe/collapse_rate', float('nan')):.3f}"),
             ("token routing entropy", f"{summary.get('moe/token_entropy', float('nan')):.3f}"),
-            ("tokens/s", f"{summary['tokens_per_s']:,.0f}"),
+            ("tokens/s", f"{summary.get('tokens_per_s', float('nan')):,.0f}"),
             ("MFU", f"{summary.get('mfu', float('nan')):.2%}"),
         ])
 
@@ -85,6 +104,24 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"wrote {report} and plots in {args.out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from moe_lm.export import export_checkpoint
+    from moe_lm.train.checkpoint import CheckpointError
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except CheckpointError as exc:
+        sys.exit(f"moe-lm: {exc}")
+    print(f"wrote {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from moe_lm.train.evaluate import sweep
+
+    sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples, args.out, args.data_dir)
+    print(f"wrote {args.out}/sweep.csv, sweep.json and ppl_vs_active_experts.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-lm", description="Mixture-of-Experts LM pretraining for router research")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,9 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.set_defaults(func=func)
     p = sub.add_parser("compare", help="table and plots comparing finished runs")
-    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("runs", nargs="+", help="run directories, or wandb run paths entity/project/run_id (online runs)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("export", help="a checkpoint's model weights as one safetensors file (experts by global id)")
+    p.add_argument("checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_N), or a run or checkpoints "
+                                      "directory for its newest complete checkpoint")
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="sweep a checkpoint's post-hoc routing knobs (grmoe: alpha, tau) without retraining")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="output directory for sweep.csv, sweep.json and the plot")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16])
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9],
+                   help="mass thresholds of the dispatch (0 = top-k)")
+    p.add_argument("--max-experts", type=int, default=None, help="cap k_max of threshold dispatch (default top_k)")
+    p.add_argument("--samples", type=int, default=256, help="validation sequences per setting")
+    p.add_argument("--data-dir", default=None, help="prepared data (default: the checkpoint's data.dir)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -106,10 +158,23 @@ def main(argv: list[str] | None = None) -> None:
     # DeepSpeed's launcher appends --local_rank=N; the rank comes from the environment anyway.
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     args = build_parser().parse_args(argv)
+    from moe_lm.train.distributed import DistributedInitError
+
     try:
         args.func(args)
     except ConfigError as exc:
-        sys.exit(f"moe-lm: config error: {exc}")
+        sys.exit(f"moe-lm: {_rank_prefix()}config error: {exc}")
+    except DistributedInitError as exc:
+        sys.exit(f"moe-lm: distributed launch error: {exc}")
+
+
+def _rank_prefix() -> str:
+    """ "rank 1/2: " under a launcher, so that the interleaved messages of several ranks can be told apart."""
+    import os
+
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID") if "SLURM_STEP_NUM_TASKS" in os.environ else None)
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_STEP_NUM_TASKS"))
+    return f"rank {rank}/{world}: " if rank is not None and world is not None else ""
 
 
 if __name__ == "__main__":

@@ -139,13 +139,17 @@ class TrainConfig:
     """Validation micro-batches per rank (a fixed prefix of the validation split)."""
     log_interval: int = 10
     save_interval: int = 0
-    """Checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    """Checkpoint every this many steps into run.dir/checkpoints (0 = only at the end and on SIGTERM/SIGUSR1, which
+    stop the run at the next step boundary). Layout and rules: docs/checkpoints.md."""
     keep_last: int = 3
     """Complete checkpoints kept on disk; the newest is never deleted."""
     resume: str = ""
-    """"" (fresh start), "auto" (newest complete checkpoint in run.dir, or fresh) or a checkpoint path."""
+    """"" (fresh start; refused if run.dir already holds checkpoints), "auto" (newest complete checkpoint in
+    run.dir, or fresh if there is none) or a path (a checkpoint, or a run/checkpoints dir for its newest one)."""
     resume_weights_only: bool = False
-    """Load model weights but not optimizer/scheduler/sampler state: needed after changing ep_size or world size."""
+    """Resume the weights and the progress (step, data position, LR schedule) but not the optimizer state, which is
+    sharded by the parallel layout: needed to resume after changing parallel.ep_size, the world size, ZeRO stage or
+    precision (the run stops otherwise); Adam moments restart from zero."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps whose loss or gradient is NaN/inf (each is skipped)."""
 

@@ -200,11 +200,48 @@ def _labels(run_dirs: list[Path]) -> list[str]:
     return labels
 
 
-def compare_runs(run_dirs: list[Path], out_dir: Path) -> Path:
-    """Write out_dir/compare.md, val_loss.png, load_cv.png and expert_load_<run>.png; return compare.md's path."""
+WANDB_RUN_PATH = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
+"""entity/project/run_id, as wandb prints it."""
+
+
+def fetch_wandb_run(path: str, dest: Path, api: Any = None) -> Path:
+    """Materialise an online wandb run as a run directory (config.yaml, summary.json, metrics.jsonl) in `dest`."""
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    run = api.run(path)
+    dest.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.create(dict(run.config))
+    (dest / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+    summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
+    summary.setdefault("router", OmegaConf.select(config, "model.moe.router.name"))
+    (dest / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    with open(dest / "metrics.jsonl", "w", encoding="utf-8") as out:
+        for row in run.scan_history():
+            step = row.get("_step")
+            out.write(json.dumps({"step": step, **{k: v for k, v in row.items() if not k.startswith("_")}}) + "\n")
+    return dest
+
+
+def resolve_runs(runs: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """Run directories as given; wandb run paths (entity/project/id) are fetched into out_dir/wandb_runs/<id>."""
+    resolved = []
+    for run in runs:
+        if Path(run).is_dir() or not WANDB_RUN_PATH.match(str(run)):
+            resolved.append(Path(run))
+        else:
+            resolved.append(fetch_wandb_run(str(run), Path(out_dir) / "wandb_runs" / str(run).rsplit("/", 1)[1]))
+    return resolved
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: Path) -> Path:
+    """Write out_dir/compare.md, val_loss.png, load_cv.png and expert_load_<run>.png; return compare.md's path.
+
+    `run_dirs` may also hold wandb run paths (entity/project/run_id) of online runs."""
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = resolve_runs(run_dirs, Path(out_dir))
     runs = [load_run(d, label) for d, label in zip(run_dirs, _labels(run_dirs))]
     by_key: dict[str, list[Run]] = {}
     for run in runs:

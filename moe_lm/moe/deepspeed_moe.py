@@ -79,7 +79,8 @@ class RouterGate(TopKGate):
     2. capacity: fixed (`capacity_factor`) or dropless (the busiest expert's load, max over the EP group);
     3. slots: assignments past capacity are dropped;
     4. l_aux = Σ coef · loss over the router's losses (the model adds it to the LM loss);
-    5. record: in training with grad enabled, the sums the metrics need are kept in `self.record`.
+    5. record: in training with grad enabled (or always, with `record_always`, for evaluation sweeps), the sums
+       the metrics need are kept in `self.record`.
     """
 
     def __init__(self, router: Router, moe_cfg: MoEConfig, d_model: int,
@@ -94,6 +95,7 @@ class RouterGate(TopKGate):
         self.force_balanced_routing = moe_cfg.force_balanced_routing
         self.local_expert_w1 = local_expert_w1
         self.record: dict[str, Tensor] | None = None
+        self.record_always = False
 
     def _set_ep_group(self, ep_group) -> None:
         super()._set_ep_group(ep_group)
@@ -123,7 +125,7 @@ class RouterGate(TopKGate):
         indices_KT, locations_KT, gates_KT = capacity_slots(expert_ids_TK, weights_TK, self.num_experts, capacity)
         coefs = self.router.loss_coefs
         l_aux = sum((coefs[name] * loss for name, loss in out.aux_losses.items()), input.new_zeros((), dtype=torch.float32))
-        if self.training and torch.is_grad_enabled():
+        if (self.training and torch.is_grad_enabled()) or self.record_always:
             self.record = routing_record(out, expert_ids_TK, counts_E, indices_KT, self.num_experts)
         return l_aux, capacity, self.num_experts, indices_KT, locations_KT, gates_KT, counts_E
 

@@ -198,11 +198,6 @@ class GrMoERouter(Router):
         if max_experts is not None:
             self.max_experts = int(max_experts)
 
-    @property
-    def no_weight_decay_param_names(self) -> tuple[str, ...]:
-        """Parameters to keep out of weight decay: decaying ρ would pull every κ toward log 2 (routers.md §1.10)."""
-        return ("rho_E",)
-
     # ---- the math ------------------------------------------------------------------------------------------------
 
     def frames(self) -> Tensor:

@@ -1,15 +1,23 @@
 """Process-group setup from whatever started the processes: torchrun, the deepspeed launcher, SLURM, or nothing.
 
 torchrun and the deepspeed launcher export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
-under `srun` without a launcher the same facts come from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID /
-SLURM_NODELIST (the master is the first node of the allocation). A plain `python`/`moe-lm` call is a world of
+under `srun` without a launcher the same facts come from SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID /
+SLURM_STEP_NODELIST (the master is the first node of the step). A plain `python`/`moe-lm` call is a world of
 one on a free local port. Initialisation has a timeout, so a rank that cannot reach the master fails with a
-message naming the address instead of hanging.
+message naming the address instead of hanging. The layout rules (`check_layout`) are checked before any
+collective, so every rank fails with the same message.
+
+Expert parallelism (DeepSpeed's default topology, `deepspeed/utils/groups.py`): with world W and `ep_size` P,
+the expert-parallel groups are P consecutive ranks [0..P-1], [P..2P-1], ... (the all-to-all), the
+expert-data-parallel groups are the ranks with the same position in them, {i, i+P, i+2P, ...} (the all-reduce
+of expert gradients), and dense gradients are averaged over all W ranks. Rank r holds the experts
+[(r % P)·E/P, (r % P + 1)·E/P).
 """
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import re
 import socket
@@ -33,17 +41,47 @@ class DistEnv:
     """torchrun/deepspeed (env://), slurm, or single."""
 
 
+class DistributedInitError(RuntimeError):
+    """The launch environment is inconsistent, or this rank could not join the process group; the message names
+    the rank, the variables or the address, and the timeout."""
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split a hostlist at the commas that are not inside brackets: "a[1,2],b" -> ["a[1,2]", "b"]."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"nested or unbalanced brackets in the node list {nodelist!r}")
+        if char == "," and depth == 0:
+            parts.append(nodelist[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced brackets in the node list {nodelist!r}")
+    parts.append(nodelist[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _expand_ranges(ranges: str, nodelist: str) -> list[str]:
+    """ "01-03,07" -> 01 02 03 07 (zero padding follows the lower bound, as Slurm prints it)."""
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(hi or lo) < int(lo):
+            raise ValueError(f"bad range {part!r} in the node list {nodelist!r}")
+        out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM hostlist expression -> host names: "gpu[01-03,07],login1" -> gpu01 gpu02 gpu03 gpu07 login1."""
+    """SLURM hostlist expression -> host names, in order, as `scontrol show hostnames` prints them:
+    "gpu[01-03,07],login1" -> gpu01 gpu02 gpu03 gpu07 login1; "n[1-2]-ib" -> n1-ib n2-ib;
+    "r[1-2]n[1-2]" -> r1n1 r1n2 r2n1 r2n2. Raises ValueError on a malformed expression."""
     hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for n in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{n:0{len(lo)}d}")
+    for expr in _split_top_level(nodelist):
+        pieces = [piece for piece in re.split(r"(\[[^\]]*\])", expr) if piece]
+        choices = [_expand_ranges(piece[1:-1], nodelist) if piece.startswith("[") else [piece] for piece in pieces]
+        hosts.extend("".join(combo) for combo in itertools.product(*choices))
     return hosts
 
 
@@ -53,17 +91,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise DistributedInitError(f"{name}={environ[name]!r} is not an integer") from None
+
+
 def resolve_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
-    """Rank, world and master address from the launcher's environment variables."""
+    """Rank, world and master address from the launcher's environment variables.
+
+    1. RANK and WORLD_SIZE (torchrun, the deepspeed launcher, `srun ... torchrun`, or by hand): launcher "env".
+    2. SLURM_PROCID and SLURM_STEP_NUM_TASKS: one task of an `srun` step per process: launcher "slurm". The
+       master is the first node of SLURM_STEP_NODELIST and the port 20000 + SLURM_JOB_ID % 10000 (the same on
+       every task), unless MASTER_ADDR / MASTER_PORT are set. The batch step of an sbatch script also has
+       SLURM_PROCID=0 and SLURM_NTASKS (the whole allocation's task count), but no SLURM_STEP_* variables:
+       a plain `moe-lm train` there is one process, not rank 0 of SLURM_NTASKS (which would wait for ranks
+       that never start).
+    3. Otherwise a world of one ("single") on a free local port.
+    """
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        return DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
-                       environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", 29500)), "env")
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        nodes = expand_nodelist(environ.get("SLURM_STEP_NODELIST", environ.get("SLURM_NODELIST", "localhost")))
-        job_port = 20000 + int(environ.get("SLURM_JOB_ID", 0)) % 10000  # same on every task of a job
-        return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
-                       environ.get("MASTER_ADDR", nodes[0]), int(environ.get("MASTER_PORT", job_port)), "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+        env = DistEnv(_int_var(environ, "RANK"), _int_var(environ, "WORLD_SIZE"),
+                      _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+                      environ.get("MASTER_ADDR", "127.0.0.1"),
+                      _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500, "env")
+        names = ("RANK", "WORLD_SIZE")
+    elif "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or \
+            environ.get("SLURM_NODELIST", "")
+        try:
+            nodes = expand_nodelist(nodelist)
+        except ValueError as exc:
+            raise DistributedInitError(f"SLURM_STEP_NODELIST: {exc}") from None
+        if not nodes and "MASTER_ADDR" not in environ:
+            raise DistributedInitError("SLURM_STEP_NODELIST is empty and MASTER_ADDR is not set: no master address")
+        job_port = 20000 + _int_var(environ, "SLURM_JOB_ID") % 10000 if "SLURM_JOB_ID" in environ else 29500
+        env = DistEnv(_int_var(environ, "SLURM_PROCID"), _int_var(environ, "SLURM_STEP_NUM_TASKS"),
+                      _int_var(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+                      environ.get("MASTER_ADDR") or nodes[0],
+                      _int_var(environ, "MASTER_PORT") if "MASTER_PORT" in environ else job_port, "slurm")
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
+    else:
+        return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise DistributedInitError(f"{names[0]}={env.rank} is not a rank of a world of {names[1]}={env.world_size}")
+    return env
 
 
 def check_layout(parallel: ParallelConfig, world_size: int, num_experts: int) -> None:
@@ -84,7 +156,12 @@ def _skip_cpu_shm_build() -> None:
 
 
 def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
-    """Initialise the process group (through DeepSpeed) and return this rank's device."""
+    """Initialise the process group (through DeepSpeed) and return this rank's device.
+
+    `parallel.init_timeout_s` bounds the rendezvous (a rank that cannot reach MASTER_ADDR:MASTER_PORT, or a
+    master waiting for ranks that never come, raises `DistributedInitError` naming the address) and every later
+    collective (a rank that stops taking part ends the others with a timeout error instead of a hang).
+    """
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (loaded so that the CPU patch below can reach it)
 
@@ -100,10 +177,69 @@ def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=parallel.init_timeout_s))
     except Exception as exc:
-        raise RuntimeError(f"rank {env.rank}/{env.world_size}: could not join the process group at "
-                           f"{env.master_addr}:{env.master_port} ({backend}, launcher {env.launcher}, timeout "
-                           f"{parallel.init_timeout_s}s = parallel.init_timeout_s): {exc}") from exc
+        detail = " ".join(str(exc).split())[:500]
+        raise DistributedInitError(
+            f"rank {env.rank}/{env.world_size}: could not join the process group at "
+            f"{env.master_addr}:{env.master_port} within {parallel.init_timeout_s} s (parallel.init_timeout_s; "
+            f"{backend}, launcher {env.launcher}): {type(exc).__name__}: {detail}") from exc
     if cuda:
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
+
+
+def moe_grad_norm(parameters) -> torch.Tensor:
+    """L2 norm of the whole model's gradient with every expert counted once: the same number on every rank and
+    for every layout (the single-process norm of the same global batch).
+
+    Call it after DeepSpeed's gradient reduction: dense gradients are then identical on all ranks, and expert
+    gradients identical within an expert-data-parallel group, so summing the local experts' squared norms over
+    the expert-parallel group covers each expert exactly once. A collective over every expert-parallel group.
+    """
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import groups
+
+    dense, experts = None, {}
+    for param in parameters:
+        squared = (param.grad.detach().double().square().sum() if param.grad is not None
+                   else torch.zeros((), dtype=torch.float64, device=param.device))
+        if is_moe_param(param):
+            experts[param.group_name] = experts.get(param.group_name, 0) + squared
+        else:
+            dense = squared if dense is None else dense + squared
+    total = dense if dense is not None else torch.zeros((), dtype=torch.float64)
+    for name in sorted(experts):  # the same order on every rank
+        squared = experts[name]
+        group = groups._get_expert_parallel_group(name) if torch.distributed.is_initialized() else None
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(squared, group=group)
+        total = total + squared.to(total.device)
+    return total.sqrt()
+
+
+def install_moe_grad_clipping(engine) -> None:
+    """Exact gradient clipping for ZeRO stage 0 in fp32 (DeepSpeed's `clip_fp32_gradients` path).
+
+    DeepSpeed's own clipping there averages each rank's local norm over the data-parallel group. Under expert
+    parallelism ranks hold different experts, so that average is neither the model's gradient norm nor the
+    single-process one (it differs from it, and so does the clipping), and the engine records no norm at all
+    (`get_global_grad_norm()` is None). This replaces it with `moe_grad_norm`, clips with the configured
+    `gradient_clipping`, and records the norm for `get_global_grad_norm()`. ZeRO 1/2 and bf16 compute the norm
+    over expert groups themselves and are left alone.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return
+    max_norm = float(engine.gradient_clipping())
+
+    def clip_fp32_gradients() -> None:
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        norm = moe_grad_norm(params)
+        if torch.isfinite(norm):
+            coef = min(1.0, max_norm / (norm.item() + 1e-6))
+            if coef < 1.0:
+                for param in params:
+                    if param.grad is not None:
+                        param.grad.detach().mul_(coef)
+        engine._global_grad_norm = norm.item()  # what get_global_grad_norm() returns (torch optimizers set none)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients

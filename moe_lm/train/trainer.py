@@ -6,6 +6,11 @@ weighted aux losses) and backward through the DeepSpeed engine, which reduces de
 ranks and expert gradients over the expert-data-parallel group, clips and steps at the accumulation
 boundary. The routing records of every MoE layer go to the routing tracker, reduced across ranks once per
 step; routers then get their once-per-step hook (`post_step`, e.g. an expert-bias update).
+
+Fault tolerance (docs/checkpoints.md): `train.resume` restores the newest complete checkpoint at start;
+checkpoints (`checkpoint.py`) are written every `train.save_interval` steps, at the end, and at the first step
+boundary after SIGTERM/SIGUSR1, after which the run exits. A step whose loss or gradient is NaN/inf is skipped
+on every rank (`faults.py`), and `train.max_bad_steps` of them in a row stop the run.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from tqdm import tqdm
 from moe_lm.config import Config, ConfigError, to_dict, to_yaml
 from moe_lm.data import PackedDataset, ResumableSampler, TokenFile, make_batch, prepare_data, rank_slice
 from moe_lm.data.prepare import load_meta, unigram_perplexity
-from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops
+from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops, read_wandb_id
 from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
-from moe_lm.train.distributed import DistEnv, check_layout, init_distributed, resolve_env
+from moe_lm.train import checkpoint as ckpt
+from moe_lm.train.faults import SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
+from moe_lm.train.distributed import (DistEnv, check_layout, init_distributed, install_moe_grad_clipping,
+                                      resolve_env)
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -97,13 +105,16 @@ class Trainer:
         model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, cfg.train.seed).to(self.device)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         t = cfg.train
-        optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
-                                      betas=(t.beta1, t.beta2), eps=t.eps)
+        # torch AdamW (no JIT-built fused op) that can skip a non-finite step on every rank (faults.py)
+        optimizer = SkippableAdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
+                                   betas=(t.beta1, t.beta2), eps=t.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.bf16))
+        install_moe_grad_clipping(self.engine)  # ZeRO-0: the exact norm over all experts, as for 1 process
+        self.client_optimizer = optimizer
         self.model: MoETransformer = self.engine.module
         torch.manual_seed(stable_seed(cfg.train.seed, "train", self.rank))  # router noise (jitter, sampling)
 
@@ -113,9 +124,19 @@ class Trainer:
         peak, self.peak_source = peak_flops(self.device, torch.bfloat16 if self.bf16 else torch.float32)
         # one meter per logging interval, one for the whole run (the summary)
         self.meters = [ThroughputMeter(self.counts.flops_per_token, peak, self.world, self.device) for _ in range(2)]
-        self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank)
         self.step = 0
         self.consumed_samples = 0
+        self.skipped_steps = 0  # steps skipped for a NaN/inf loss or gradient, in total
+        self.bad_streak = 0  # ... in a row, up to the last step
+        self.signals = StopSignals()  # active during train()
+        self.stop_requested = False  # a stop signal reached some rank (all-reduced at each step boundary)
+        self.last_checkpoint: Path | None = None
+        self.last_metrics: dict = {}
+        resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir)
+        self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank,
+                                     resume_id=read_wandb_id(self.run_dir) if resume_from else None)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)  # last: it restores the RNG states
 
     @property
     def tokens_per_step(self) -> int:
@@ -129,24 +150,88 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             inputs, targets = make_batch(self.train_data, ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
             _, lm_loss, aux_loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
+            # backward even on a NaN/inf loss: every rank must run the same backward collectives
             self.engine.backward(lm_loss + aux_loss)
             for layer, moe in enumerate(self.model.moe_layers()):
                 self.tracker.record(layer, moe.gate.record)
+            if micro == t.grad_accum_steps - 1:  # before the optimizer step: skip it on every rank if any is bad
+                self.client_optimizer.overflow = self._boundary_flags(sums)
             self.engine.step()
-            sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
+        bad = self.client_optimizer.overflow
         self.consumed_samples += t.global_batch_size(self.world)
         self.step += 1
         dist.all_reduce(sums)
         sums /= t.grad_accum_steps * self.world
         metrics = self.tracker.compute(reset=True)
-        for layer, moe in enumerate(self.model.moe_layers()):
-            moe.router.post_step(self.tracker.layer_counts(layer))
+        if bad:
+            self._count_bad_step()
+        else:
+            self.bad_streak = 0
+            for layer, moe in enumerate(self.model.moe_layers()):
+                moe.router.post_step(self.tracker.layer_counts(layer))
         grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"train/loss": sums[0].item(), "train/aux_loss": sums[1].item(),
                         "train/ppl": math.exp(min(sums[0].item(), 50.0)), "train/lr": self.scheduler.get_last_lr()[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        "tokens": self.step * self.tokens_per_step})
+                        "train/skipped_steps": self.skipped_steps, "tokens": self.step * self.tokens_per_step})
         return metrics
+
+    def _boundary_flags(self, loss_sums: torch.Tensor) -> bool:
+        """One all-reduce at the accumulation boundary, so every rank takes the same decisions: is this step bad
+        (a NaN/inf loss or local gradient on any rank; returned), and did any rank get a stop signal (sets
+        `stop_requested`, acted on at the end of the step)."""
+        local_bad = not bool(torch.isfinite(loss_sums).all()) or not grads_finite(self.model.parameters())
+        flags = torch.tensor([float(local_bad), float(self.signals.received is not None)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_requested = self.stop_requested or bool(flags[1])
+        return bool(flags[0])
+
+    def _count_bad_step(self) -> None:
+        """The step just skipped had a NaN/inf loss or gradient: count it, stop after `train.max_bad_steps` in a row."""
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        limit = self.cfg.train.max_bad_steps
+        ckpt.log(f"step {self.step}: NaN/inf loss or gradient, optimizer step skipped "
+                 f"({self.bad_streak} in a row; train.max_bad_steps={limit})")
+        if self.bad_streak >= limit:
+            last = (f"The last good checkpoint, {self.last_checkpoint}, is intact" if self.last_checkpoint
+                    else "No checkpoint was saved")
+            raise TrainingDiverged(
+                f"steps {self.step - self.bad_streak + 1}-{self.step} had a NaN/inf loss or gradient "
+                f"{self.bad_streak} times in a row (train.max_bad_steps={limit}); stopping. {last}: resume from it "
+                f"with train.resume (e.g. with a lower train.lr)")
+
+    def _layout(self) -> ckpt.Layout:
+        return ckpt.Layout(world_size=self.world, ep_size=self.cfg.parallel.ep_size,
+                           zero_stage=self.cfg.parallel.zero_stage, bf16=self.bf16,
+                           num_experts=self.cfg.model.moe.num_experts, num_moe_layers=len(self.model.moe_layers()))
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint this step boundary (collective: every rank calls it); see `checkpoint.save_checkpoint`."""
+        state = ckpt.TrainingState(
+            step=self.step, consumed_samples=self.consumed_samples, skipped_steps=self.skipped_steps,
+            sampler={"seed": self.sampler.seed, "num_samples": self.sampler.num_samples},
+            config=to_dict(self.cfg), layout=self._layout())
+        self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.run_dir / ckpt.CHECKPOINT_DIR, state,
+                                                    self.cfg.train.keep_last)
+        return self.last_checkpoint
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Resume from a validated checkpoint: weights, optimizer (unless the layout changed and
+        `train.resume_weights_only` allows that), LR scheduler, step, data position, RNG states."""
+        load_optimizer = ckpt.check_compatible(path, ckpt.read_manifest(path), to_dict(self.cfg), self._layout(),
+                                               self.cfg.train.resume_weights_only)
+        state = ckpt.load_checkpoint(self.engine, path, load_optimizer)
+        self.step, self.consumed_samples, self.skipped_steps = state.step, state.consumed_samples, state.skipped_steps
+        if state.sampler != {"seed": self.sampler.seed, "num_samples": self.sampler.num_samples}:
+            ckpt.log(f"the data order differs from the checkpoint's (sampler {state.sampler}, now seed "
+                     f"{self.sampler.seed} over {self.sampler.num_samples} samples)")
+        if len(state.rng_states) == self.world:
+            ckpt.set_rng_state(state.rng_states[self.rank])
+        self.last_checkpoint = path
+        ckpt.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed"
+                 f"{'' if load_optimizer else ', optimizer state not loaded'})")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -180,6 +265,16 @@ class Trainer:
         return out
 
     def train(self) -> dict:
+        """Train to `train.max_steps` and return the summary; after a stop signal, return {"interrupted": True,
+        "steps", "checkpoint"} once every rank has checkpointed the step boundary."""
+        with self.signals:
+            try:
+                return self._train_loop()
+            except TrainingDiverged:
+                self.loggers.close()
+                raise
+
+    def _train_loop(self) -> dict:
         t = self.cfg.train
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc=self.cfg.run.name,
                    unit="step", dynamic_ncols=True)
@@ -209,8 +304,27 @@ class Trainer:
                             tok_s=f"{getattr(self, 'tokens_per_s', 0.0):.0f}", refresh=False)
             bar.update(1)
             self.last_metrics = metrics
+            if self._checkpoint_due():
+                self.save_checkpoint()
+            if self.stop_requested and self.step < t.max_steps:
+                break
         bar.close()
+        if self.step < t.max_steps:  # stopped by a signal
+            self.loggers.close()
+            ckpt.log(f"stopped by a signal at step {self.step}; checkpoint: {self.last_checkpoint}")
+            return {"interrupted": True, "steps": self.step, "checkpoint": str(self.last_checkpoint)}
         return self._finish(val)
+
+    def _checkpoint_due(self) -> bool:
+        """At `train.save_interval`, at the end and on a stop signal; never right after a skipped (bad) step."""
+        t = self.cfg.train
+        due = (self.stop_requested or self.step == t.max_steps
+               or (t.save_interval > 0 and self.step % t.save_interval == 0))
+        if due and self.bad_streak:
+            ckpt.log(f"step {self.step}: no checkpoint after a skipped NaN/inf step; the last good one is "
+                     f"{self.last_checkpoint}")
+            return False
+        return due
 
     def _unigram_ppl(self) -> float:
         """Perplexity of the train-set unigram distribution on exactly the validation tokens scored above."""
@@ -219,12 +333,14 @@ class Trainer:
         return unigram_perplexity(train_tokens, val_targets, self.meta["vocab_size"])
 
     def _finish(self, val: dict[str, float]) -> dict:
+        val = val or self.evaluate()  # resumed from a checkpoint of the last step: nothing was trained here
         run_meter_summary = self.meters[1].compute()
         summary = {
             "run": self.cfg.run.name, "router": self.cfg.model.moe.router.name,
             "val_loss": val["val/loss"], "val_ppl": val["val/ppl"],
             "unigram_ppl": self._unigram_ppl(),
-            "steps": self.step, "tokens": self.step * self.tokens_per_step,
+            "steps": self.step, "tokens": self.step * self.tokens_per_step, "skipped_steps": self.skipped_steps,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "params_total": self.counts.total, "params_active": self.counts.active,
             **{key.removeprefix("perf/"): value for key, value in run_meter_summary.items()},
             "peak_flops_source": self.peak_source,

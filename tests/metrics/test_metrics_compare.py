@@ -76,3 +76,29 @@ def test_missing_file_names_run_and_file(runs, tmp_path):
     (runs[1] / "metrics.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"topk-s2.*metrics\.jsonl"):
         compare_runs(runs, tmp_path / "cmp")
+
+
+class _FakeWandbRun:
+    config = {"model": {"moe": {"router": {"name": "mpi"}, "num_experts": 2}}, "train": {"seed": 1}}
+    summary = {"val_ppl": 12.5, "tokens_per_s": 100.0, "_runtime": 3}
+
+    def scan_history(self):
+        return [{"_step": 1, "train/loss": 3.0, "tokens": 64, "_timestamp": 0},
+                {"_step": 2, "val/loss": 2.5, "tokens": 128, "moe/load_cv_mean": 0.2}]
+
+
+class _FakeWandbApi:
+    def run(self, path):
+        assert path == "team/moe-lm/abc123"
+        return _FakeWandbRun()
+
+
+def test_online_wandb_runs_are_compared_by_their_run_path(runs, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", _FakeWandbApi)
+    report = compare_runs([runs[0], "team/moe-lm/abc123"], tmp_path / "out")
+    fetched = tmp_path / "out" / "wandb_runs" / "abc123"
+    assert json.loads((fetched / "summary.json").read_text())["router"] == "mpi"
+    assert [json.loads(line)["step"] for line in (fetched / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert "12.50" in report.read_text()

@@ -1,0 +1,97 @@
+"""One safetensors file with every weight of a checkpoint, for evaluation and sharing.
+
+The tensors are the state dict of the model built with ep_size=1, so every expert is keyed by its global id
+(`blocks.{i}.ffn.deepspeed_moe.experts.deepspeed_experts.{E}.w1.weight`) whatever the ep_size of the run;
+router parameters and persistent buffers (e.g. `balance_bias_E`) are included. The header metadata holds the
+resolved config (`moe_lm_config`, JSON) and the step, so the file alone rebuilds the model:
+
+    moe-lm export runs/x/checkpoints/step_00000200 --out x.safetensors
+    model = build_model("x.safetensors")           # MoETransformer(ep_size=1), weights loaded strictly
+
+Weights are exported as stored: the module weights DeepSpeed saved (bf16 for a bf16 run, whose fp32 master copy
+lives in the optimizer state and is not exported). The optimizer state is not exported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moe_lm.config import Config, load_config
+from moe_lm.train import checkpoint as ckpt
+
+CONFIG_KEY = "moe_lm_config"
+STEP_KEY = "moe_lm_step"
+EXPERT_PREFIX = ".deepspeed_moe.experts.deepspeed_experts."
+
+
+def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full state dict with experts by global id, manifest) of a checkpoint directory, or of the newest complete
+    checkpoint in a run or checkpoints directory. The checkpoint is validated first (sizes and hashes)."""
+    path = ckpt.find_checkpoint(str(checkpoint), checkpoint)
+    manifest = ckpt.read_manifest(path)
+    layout = ckpt.Layout(**manifest["layout"])
+    model_states = torch.load(path / ckpt.MODEL_STATES, map_location="cpu", weights_only=False)
+    state = dict(model_states["module"])
+    for layer in range(layout.num_moe_layers):
+        for expert in range(layout.num_experts):
+            shard_path = path / ckpt.expert_file(layer, expert)
+            shard = torch.load(shard_path, map_location="cpu", weights_only=True)
+            wrong = [key for key in shard if f"{EXPERT_PREFIX}{expert}." not in key]
+            if wrong:  # DeepSpeed renames local ids to global ones on save: anything else is a corrupt shard
+                raise ckpt.CheckpointError(f"{shard_path} should hold expert {expert} only, but has {wrong}")
+            state.update(shard)
+    return state, manifest
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the consolidated weights of `checkpoint` (see `consolidated_state_dict`) to `out` atomically."""
+    state, manifest = consolidated_state_dict(checkpoint)
+    tensors, seen = {}, set()
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.data_ptr() in seen:  # tied embeddings share storage, which safetensors refuses
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor
+    metadata = {"format": "pt", CONFIG_KEY: json.dumps(manifest["config"]), STEP_KEY: str(manifest["step"])}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def config_from_dict(config: dict) -> Config:
+    """A typed, validated `Config` from a resolved config dict (as saved in checkpoints and exports)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = Path(tmp) / "config.yaml"
+        recipe.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+        return load_config(recipe)
+
+
+def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """(state dict, config) of an exported file."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if CONFIG_KEY not in metadata:
+        raise ValueError(f"{path} has no {CONFIG_KEY!r} metadata: not written by `moe-lm export`")
+    return load_file(str(path)), config_from_dict(json.loads(metadata[CONFIG_KEY]))
+
+
+def build_model(path: str | Path):
+    """The exported model as an ep_size=1 `MoETransformer` (every expert local), weights loaded strictly."""
+    from moe_lm.model.transformer import MoETransformer
+
+    state, cfg = load_exported(path)
+    model = MoETransformer(cfg.model, seed=cfg.train.seed)
+    model.load_state_dict(state, strict=True)
+    return model

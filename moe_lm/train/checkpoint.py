@@ -1,0 +1,484 @@
+"""Checkpoints: atomic, validated and rotated DeepSpeed checkpoints, and the client state of an exact resume.
+
+Layout under RUN_DIR/checkpoints (docs/checkpoints.md tells the whole story):
+
+    latest                  tag of the newest complete checkpoint, replaced atomically (DeepSpeed's convention)
+    step_00000200/          a complete checkpoint: DeepSpeed's files plus manifest.json
+    .tmp-step_00000300/     a checkpoint being written, or left behind by a killed run: never loaded
+
+Save (`save_checkpoint`, called by every rank at the same step boundary):
+  1. every rank writes its DeepSpeed files into the temporary tag `.tmp-step_N`: expert shards per (MoE layer,
+     global expert) from expert-data-parallel rank 0, optimizer shards per rank, and the non-expert weights with
+     the client state (`TrainingState`) from rank 0;
+  2. every rank hashes a share of the files (size + sha256); the shares are gathered, the files the layout
+     implies are checked to be all there, and rank 0 writes manifest.json, renames the directory to `step_N`,
+     replaces `latest`, and deletes complete checkpoints beyond `train.keep_last` (never the newest); checkpoints
+     of a higher step (from a branch left by resuming an earlier checkpoint) are renamed `abandoned-*` first.
+A kill at any moment leaves the previous checkpoints intact plus, at most, one more complete checkpoint or a
+`.tmp-` directory that the next save removes.
+
+Load (`find_checkpoint`, then `load_checkpoint`): candidates are validated newest first (manifest present, every
+file present with its size and hash, each rank hashing a share); a rejected one is reported with the file that is
+wrong, and the newest complete one wins. `check_compatible` refuses a model with other shapes, and a changed
+parallel layout (world size, ep_size, ZeRO stage, precision) unless only the weights are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_DIR = "checkpoints"
+"""Sub-directory of run.dir that holds the checkpoints of a run."""
+MANIFEST = "manifest.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+FORMAT_VERSION = 1
+_TAG = re.compile(r"step_(\d+)")
+
+# Client-state keys, stored by DeepSpeed in mp_rank_00_model_states.pt next to its own keys.
+STEP = "moe_lm/step"
+"""Optimizer steps taken (skipped non-finite steps included)."""
+CONSUMED_SAMPLES = "moe_lm/consumed_samples"
+"""Samples consumed: the whole state of `ResumableSampler`, whose batches are a pure function of it."""
+SAMPLER = "moe_lm/sampler"
+"""{"seed", "num_samples"} of the sampler: if either changed, the resumed data order differs."""
+SKIPPED_STEPS = "moe_lm/skipped_steps"
+"""Steps skipped because their loss or gradient was NaN/inf."""
+RNG_STATES = "moe_lm/rng_states"
+"""One {"python", "numpy", "torch"[, "cuda"]} per global rank, in rank order."""
+CONFIG = "moe_lm/config"
+"""The resolved config (dict) of the run that saved."""
+LAYOUT = "moe_lm/layout"
+"""`Layout` of the run that saved: what the optimizer shards depend on."""
+FORMAT = "moe_lm/format"
+CLIENT_STATE_KEYS = (STEP, CONSUMED_SAMPLES, SAMPLER, SKIPPED_STEPS, RNG_STATES, CONFIG, LAYOUT, FORMAT)
+
+# Model keys that define parameter shapes: the checkpoint's values must be kept to resume (other changed keys
+# only warn, since the resume is then no longer an exact continuation).
+ARCHITECTURE_KEYS = ("model.vocab_size", "model.n_layers", "model.d_model", "model.n_heads", "model.d_ff",
+                     "model.tie_embeddings", "model.moe.num_experts", "model.moe.layer_freq", "model.moe.d_expert",
+                     "model.moe.router.name")
+# Keys that steer the run rather than define it: changing them on resume is expected and not reported.
+_RUN_CONTROL_PREFIXES = ("run.", "wandb.", "metrics.", "train.resume", "train.save_interval",
+                         "train.keep_last", "train.max_bad_steps", "train.log_interval", "train.eval_interval",
+                         "train.eval_batches", "parallel.init_timeout_s", "parallel.backend",
+                         "parallel.ep_size", "parallel.zero_stage", "train.precision")  # the last three: `Layout`
+
+
+def expert_file(moe_layer: int, expert: int) -> str:
+    """DeepSpeed's shard of one expert: `moe_layer` counts MoE layers only, `expert` is the GLOBAL expert id."""
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: incomplete, corrupt, or saved by an incompatible run. The message says why."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the optimizer shards of a checkpoint depend on, and which files a complete checkpoint holds."""
+
+    world_size: int
+    ep_size: int
+    zero_stage: int
+    bf16: bool
+    num_experts: int
+    num_moe_layers: int
+
+    def required_files(self) -> list[str]:
+        """fnmatch patterns of the files DeepSpeed writes for this layout (one match each)."""
+        files = [MODEL_STATES]
+        files += [expert_file(layer, expert)
+                  for layer in range(self.num_moe_layers) for expert in range(self.num_experts)]
+        if self.zero_stage == 0:  # the whole optimizer state, once per expert-parallel rank
+            files += [f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(self.ep_size)]
+        else:  # ZeRO-1/2 partitions, once per data-parallel rank ("bf16_" prefix in bf16)
+            files += [f"*zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(self.world_size)]
+        return files
+
+    def optimizer_changes(self, now: Layout) -> list[str]:
+        """'key: saved -> now' for each difference that makes the saved optimizer state unloadable."""
+        names = {"world_size": "world size", "ep_size": "parallel.ep_size", "zero_stage": "parallel.zero_stage",
+                 "bf16": "bf16"}
+        return [f"{label} {getattr(self, key)} -> {getattr(now, key)}" for key, label in names.items()
+                if getattr(self, key) != getattr(now, key)]
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights, optimizer and LR scheduler (which DeepSpeed saves) that an exact resume needs."""
+
+    step: int
+    consumed_samples: int
+    skipped_steps: int
+    sampler: dict[str, int]
+    config: dict[str, Any]
+    layout: Layout
+    rng_states: list[dict[str, Any]] = field(default_factory=list)
+
+    def client_state(self) -> dict[str, Any]:
+        return {STEP: self.step, CONSUMED_SAMPLES: self.consumed_samples, SKIPPED_STEPS: self.skipped_steps,
+                SAMPLER: dict(self.sampler), RNG_STATES: self.rng_states, CONFIG: self.config,
+                LAYOUT: asdict(self.layout), FORMAT: FORMAT_VERSION}
+
+    @classmethod
+    def from_client_state(cls, state: dict[str, Any], path: Path) -> TrainingState:
+        missing = [key for key in CLIENT_STATE_KEYS if key not in state]
+        if missing:
+            raise CheckpointError(f"{path / MODEL_STATES} lacks the moe-lm client state {missing}: not a moe-lm "
+                                  f"checkpoint, or one of another format")
+        return cls(state[STEP], state[CONSUMED_SAMPLES], state[SKIPPED_STEPS], state[SAMPLER], state[CONFIG],
+                   Layout(**state[LAYOUT]), state[RNG_STATES])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process-group helpers: every function below also works without torch.distributed (one process)
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    _, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _from_rank0(obj: Any) -> Any:
+    _, world = _rank_world()
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def log(message: str) -> None:
+    """A message for the user, from rank 0 only."""
+    if _rank_world()[0] == 0:
+        print(f"moe-lm: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG states
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators: python, numpy, torch CPU, and the current CUDA device if any."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# names, manifest, validation
+
+def tag_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: str | Path) -> int | None:
+    """The step of a complete-checkpoint directory name `step_N`, else None."""
+    match = _TAG.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(save_dir: str | Path) -> list[Path]:
+    """`step_N` directories in `save_dir`, newest (highest step) first; complete or not."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = [p for p in save_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=lambda p: step_of(p), reverse=True)
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    manifest_path = Path(path) / MANIFEST
+    try:
+        return json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path} is missing: the checkpoint was never completed") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from exc
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file; fsync'd on the way, so a manifest never describes data still in flight."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _files_under(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+
+
+def validate_checkpoint(path: str | Path) -> list[str]:
+    """Problems that make `path` unusable, each naming the file at fault; [] = complete. Collective when
+    torch.distributed is initialised (each rank hashes a share of the files, all get the same answer)."""
+    path = Path(path)
+    rank, world = _rank_world()
+    problems: list[str] = []
+    try:
+        manifest = read_manifest(path)
+        files = manifest["files"]
+        layout = Layout(**manifest["layout"])
+    except CheckpointError as exc:
+        problems.append(str(exc))
+    except (KeyError, TypeError) as exc:
+        problems.append(f"{path / MANIFEST} is not a moe-lm manifest (missing {exc})")
+    else:
+        for pattern in layout.required_files():
+            if not any(fnmatch(name, pattern) for name in files):
+                problems.append(f"{path / pattern} is missing from the manifest (the checkpoint is incomplete)")
+        for i, (name, entry) in enumerate(sorted(files.items())):
+            file = path / name
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif (size := file.stat().st_size) != entry["bytes"]:
+                problems.append(f"{file} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)")
+            elif i % world == rank and _file_entry(file)["sha256"] != entry["sha256"]:
+                problems.append(f"{file} does not match its sha256 in the manifest (corrupt)")
+    return sorted({p for share in _all_gather(problems) for p in share})
+
+
+def find_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint `train.resume` asks for, validated; None = start from scratch. Collective.
+
+    "" -> None, unless RUN_DIR already holds complete checkpoints: a fresh run would mix its checkpoints with
+    those of the earlier run (and a later "auto" could pick the earlier run's newer step), so that raises.
+    "auto" -> the newest complete checkpoint in RUN_DIR/checkpoints, or None if there is no checkpoint there at
+    all. A path -> that checkpoint (a `step_N` directory), or the newest complete one in a
+    checkpoints directory or run directory. A rejected candidate is reported with its bad file and the previous
+    one is tried; if checkpoints exist but none is complete, this raises instead of starting from scratch.
+    """
+    if not resume:
+        earlier = [p for p in list_checkpoints(Path(run_dir) / CHECKPOINT_DIR) if (p / MANIFEST).is_file()]
+        if earlier:
+            raise CheckpointError(f"run.dir={run_dir} already holds checkpoints of an earlier run (newest: "
+                                  f"{earlier[0].name}): set train.resume=auto to continue it, or use another run.dir "
+                                  f"(or delete {Path(run_dir) / CHECKPOINT_DIR}) to start a new run")
+        return None
+    explicit = resume != "auto"
+    if explicit:
+        path = Path(resume)
+        if (path / MANIFEST).exists() or step_of(path) is not None or path.name.startswith(TMP_PREFIX):
+            problems = validate_checkpoint(path)
+            if problems:
+                raise CheckpointError(f"train.resume={resume}: checkpoint not usable: " + "; ".join(problems))
+            return path
+        save_dir = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
+        if not save_dir.is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such checkpoint or directory")
+    else:
+        save_dir = Path(run_dir) / CHECKPOINT_DIR
+    rejected: list[str] = []
+    for candidate in list_checkpoints(save_dir):
+        problems = validate_checkpoint(candidate)
+        if not problems:
+            if rejected:
+                log(f"falling back to {candidate}, the newest complete checkpoint")
+            return candidate
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        log(f"skipping checkpoint {candidate}: {problems[0]}{more}")
+        rejected.append(f"{candidate.name}: {problems[0]}")
+    if rejected:
+        raise CheckpointError(f"train.resume={resume}: no complete checkpoint in {save_dir} ("
+                              + "; ".join(rejected) + "). Not starting from scratch: pass another checkpoint as "
+                              "train.resume, or start a new run in another run.dir")
+    if explicit:
+        raise CheckpointError(f"train.resume={resume}: no checkpoint (step_N directory) in {save_dir}")
+    partial = sorted(p.name for p in save_dir.glob(TMP_PREFIX + "*")) if save_dir.is_dir() else []
+    note = f" (ignoring incomplete {', '.join(partial)})" if partial else ""
+    log(f"train.resume=auto: no checkpoint in {save_dir}{note}; starting from scratch")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(directory: Path) -> None:
+    """Delete a directory tree, first renaming it to a `.tmp-` name so that a kill mid-way leaves no `step_N`."""
+    doomed = directory.with_name(f"{TMP_PREFIX}deleting-{directory.name}-{time.time_ns()}")
+    os.rename(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def set_aside_newer(save_dir: str | Path, step: int) -> list[Path]:
+    """Rename checkpoints of a higher step than `step` to `abandoned-step_N-TIME` (kept, never loaded or rotated).
+
+    They belong to a branch this run left by resuming from an earlier checkpoint (a rollback, or a fallback past
+    a corrupt newest one); left in place they would win the next `train.resume=auto` and crowd the rotation.
+    """
+    moved = []
+    for newer in list_checkpoints(save_dir):
+        if step_of(newer) > step:
+            aside = newer.with_name(f"abandoned-{newer.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.rename(newer, aside)
+            moved.append(aside)
+            log(f"moved {newer} aside to {aside.name}: it is ahead of this run, which resumed from an earlier step")
+    return moved
+
+
+def rotate(save_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints (those with a manifest) beyond the `keep_last` newest; return them."""
+    complete = [p for p in list_checkpoints(save_dir) if (p / MANIFEST).is_file()]
+    doomed = complete[max(1, keep_last):]  # the newest complete checkpoint is never deleted
+    for path in doomed:
+        _remove(path)
+    return doomed
+
+
+def save_checkpoint(engine, save_dir: str | Path, state: TrainingState, keep_last: int) -> Path:
+    """Write a complete checkpoint of `state.step` and return its directory. Collective: every rank calls it."""
+    rank, world = _rank_world()
+    save_dir = Path(save_dir)
+    tag = tag_name(state.step)
+    tmp = save_dir / (TMP_PREFIX + tag)
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(TMP_PREFIX + "*"):  # left by a killed save or deletion
+            shutil.rmtree(stale, ignore_errors=True)
+    state.rng_states = _all_gather(rng_state())
+    _barrier()
+    engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state.client_state(), save_latest=False)
+    _barrier()
+    names = _files_under(tmp)
+    files = {name: entry for share in _all_gather({n: _file_entry(tmp / n) for n in names[rank::world]})
+             for name, entry in share.items()}
+    missing = [p for p in state.layout.required_files() if not any(fnmatch(name, p) for name in files)]
+    if missing:  # every rank sees the same gathered listing, so every rank raises
+        raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote it: no {missing}")
+    error = None
+    if rank == 0:
+        try:
+            final = save_dir / tag
+            manifest = {"format": FORMAT_VERSION, "tag": tag, "step": state.step,
+                        "consumed_samples": state.consumed_samples, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "layout": asdict(state.layout), "config": state.config, "files": files}
+            _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            set_aside_newer(save_dir, state.step)
+            if final.exists():  # the same step saved again (e.g. after resuming from an older checkpoint)
+                _remove(final)
+            os.rename(tmp, final)
+            _fsync_dir(save_dir)
+            _write_atomic(save_dir / LATEST, tag)
+            _fsync_dir(save_dir)
+            rotate(save_dir, keep_last)
+        except OSError as exc:
+            error = f"could not finalise checkpoint {tmp}: {exc}"
+    error = _from_rank0(error)
+    if error:
+        raise CheckpointError(error)
+    return save_dir / tag
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_compatible(path: Path, manifest: dict[str, Any], config: dict[str, Any], layout: Layout,
+                     weights_only: bool) -> bool:
+    """Whether the optimizer state of checkpoint `path` can be loaded into this run (False: weights only).
+
+    Raises `CheckpointError` if the model shapes differ, or if the parallel layout changed and `weights_only`
+    is off; warns about every other setting that differs from the checkpoint's.
+    """
+    saved, now = _flatten(manifest["config"]), _flatten(config)
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    architecture = [key for key in changed if key in ARCHITECTURE_KEYS]
+    if architecture:
+        raise CheckpointError(f"{path} holds another model: " + ", ".join(
+            f"{key}={saved.get(key)!r} in the checkpoint, {now.get(key)!r} now" for key in architecture)
+            + ". Resume with the checkpoint's model settings (its config is in manifest.json)")
+    others = [key for key in changed if key not in architecture and not key.startswith(_RUN_CONTROL_PREFIXES)]
+    if others:
+        log("resuming with settings that differ from the checkpoint's, so this is not an exact continuation: "
+            + ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in others))
+    changes = Layout(**manifest["layout"]).optimizer_changes(layout)
+    if changes and not weights_only:
+        raise CheckpointError(
+            f"{path} was saved with another parallel layout ({', '.join(changes)}). Its model weights can be loaded "
+            f"(experts are stored per global id) but its optimizer state, sharded by that layout, cannot. Set "
+            f"train.resume_weights_only=true to continue with the weights, step, data position and LR schedule "
+            f"and a fresh optimizer state (docs/checkpoints.md), or resume with the saved layout")
+    if changes:
+        log(f"layout changed ({', '.join(changes)}): loading weights and progress, not the optimizer state")
+    return not (changes or weights_only)
+
+
+def load_checkpoint(engine, path: str | Path, load_optimizer: bool) -> TrainingState:
+    """Load weights (experts by global id), LR scheduler and, if asked, optimizer state into `engine`. Collective."""
+    path = Path(path)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                         load_optimizer_states=load_optimizer,
+                                                         load_lr_scheduler_states=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if load_path is None:
+        raise CheckpointError(f"could not load checkpoint {path}: DeepSpeed found no {MODEL_STATES}")
+    return TrainingState.from_client_state(client_state, path)

@@ -1,0 +1,77 @@
+"""What the training loop does when something goes wrong: a stop signal, or a step whose numbers are not finite.
+
+- `StopSignals`: SIGTERM (torchrun, schedulers) and SIGUSR1 (SLURM's warning before preemption,
+  `--signal=USR1@120`) only set a flag. The loop all-reduces it at the next step boundary, so every rank agrees,
+  then checkpoints and exits cleanly.
+- Non-finite steps: the loop checks the loss of each micro-batch and the local gradients after the last
+  backward, all-reduces the verdict, and skips the optimizer step on every rank through `SkippableAdamW`
+  (DeepSpeed's overflow protocol). `TrainingDiverged` stops the run after `train.max_bad_steps` bad steps in a row.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterable
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient; the last good checkpoint is untouched."""
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM/SIGUSR1 set `received` (the signal's name) instead of killing.
+
+    Handlers can only be installed from the main thread; elsewhere (and for the previous handlers on exit) the
+    process keeps its defaults.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """torch AdamW that follows DeepSpeed's overflow protocol.
+
+    While `overflow` is True, `step()` leaves every parameter and moment untouched, and a DeepSpeed engine that
+    holds this optimizer directly (ZeRO-0, fp32) counts a skipped step and does not advance the LR scheduler.
+    DeepSpeed's ZeRO-1/2 and bf16 wrappers run their own NaN/inf check and skip the same way; when they hold this
+    optimizer, the flag makes their inner step a no-op too.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overflow = False
+
+    def step(self, closure=None):
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+@torch.no_grad()
+def grads_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """True if every local gradient is finite (parameters without a gradient, e.g. under ZeRO-2, are ignored)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)))
