@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "directory for its newest complete checkpoint")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("eval", help="sweep a checkpoint's post-hoc routing knobs (grmoe: alpha, tau) without retraining")
+    p = sub.add_parser("eval", help="sweep a checkpoint's post-hoc routing knobs (grmoe: alpha, tau)")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest complete checkpoint)")
     p.add_argument("--out", required=True, help="output directory for sweep.csv, sweep.json and the plot")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16])

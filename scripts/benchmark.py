@@ -1,7 +1,7 @@
 """Speed and memory of each router: the router alone, and whole training steps through the trainer.
 
     python scripts/benchmark.py --out runs/bench                       # quickstart scale, every router
-    python scripts/benchmark.py --recipe recipes/350m_e8.yaml --routers softmax_topk mpi --steps 30 --out runs/bench_350m
+    python scripts/benchmark.py --recipe recipes/350m_e8.yaml --routers softmax_topk mpi --out runs/bench_350m
 
 Writes `OUT/benchmark.json` and `OUT/benchmark.md`:
 - router_fwd_bwd_ms: forward + backward of one MoE layer's router on one micro-batch of tokens (median of
@@ -65,13 +65,17 @@ def main() -> None:
                            "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
                            "peak_mem_gib": summary["peak_mem_gib"], "peak_flops_source": summary["peak_flops_source"]}
     base = results.get("softmax_topk")
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key] / base[key]:.2f}x" if base else "–"
+
     lines = [f"# Router benchmark: {args.recipe}, {args.steps} steps, {torch.get_num_threads()} threads", "",
-             "| router | router fwd+bwd (ms) | vs softmax_topk | step (s) | vs softmax_topk | tokens/s | MFU | peak mem (GiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| router | router fwd+bwd (ms) | vs softmax_topk | step (s) | vs softmax_topk | tokens/s | MFU | "
+             "peak mem (GiB) |", "|---|---|---|---|---|---|---|---|"]
     for router, r in results.items():
-        ratio = (lambda key: f"{r[key] / base[key]:.2f}x" if base else "–")
-        lines.append(f"| {router} | {r['router_fwd_bwd_ms']:.2f} | {ratio('router_fwd_bwd_ms')} | {r['step_s']:.3f} | "
-                     f"{ratio('step_s')} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2%} | {r['peak_mem_gib']:.2f} |")
+        lines.append(f"| {router} | {r['router_fwd_bwd_ms']:.2f} | {ratio(r, 'router_fwd_bwd_ms')} | "
+                     f"{r['step_s']:.3f} | {ratio(r, 'step_s')} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2%} | "
+                     f"{r['peak_mem_gib']:.2f} |")
     lines.append(f"\nMFU peak: {next(iter(results.values()))['peak_flops_source']}.")
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2))
     (args.out / "benchmark.md").write_text("\n".join(lines) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def train(recipe: str, overrides: list[str], run_dir: Path, log: Path | None = None) -> dict:
-    """Train `recipe` with `overrides` into `run_dir`; return its summary.json. Raises with the log's tail on failure."""
+    """Train `recipe` with `overrides` into `run_dir`; return its summary.json (raises with the log's tail)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     log = log or run_dir / "train.log"
     command = [sys.executable, "-m", "moe_lm.cli", "train", recipe, f"run.dir={run_dir}", *overrides]

@@ -39,7 +39,7 @@ def _merge_layer(base: DictConfig, top: DictConfig, warn: bool = False) -> DictC
     if new != old and OmegaConf.select(base, ROUTER_KEY) is not None:
         dropped = [k for k in base.model.moe.router if k != "name"]
         if warn and dropped:
-            warnings.warn(f"router switched to {new!r}: ignoring the recipe's {old} keys {dropped}")
+            warnings.warn(f"router switched to {new!r}: ignoring the recipe's {old} keys {dropped}", stacklevel=3)
         del base.model.moe["router"]
     return OmegaConf.merge(base, top)
 

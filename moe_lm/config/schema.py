@@ -105,7 +105,8 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    """Expert-parallel size; the data-parallel size is world_size // 1 for dense and world_size // ep_size for experts."""
+    """Expert-parallel size: ranks over which each MoE layer's experts are sharded. Dense parameters are data-parallel
+    over the whole world; expert parameters over world_size // ep_size ranks."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 0, 1 or 2 (native DeepSpeed MoE refuses ZeRO-3)."""
     backend: str = "auto"
@@ -223,7 +224,8 @@ def validate(cfg: Config) -> None:
              f"must be > 0, got {moe.eval_capacity_factor}")
     _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage",
              f"must be 0, 1 or 2, got {p.zero_stage}: native DeepSpeed MoE is not supported with ZeRO-3")
-    _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"must be auto, nccl or gloo, got {p.backend!r}")
+    _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend",
+             f"must be auto, nccl or gloo, got {p.backend!r}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
              f"must be auto, fp32 or bf16, got {t.precision!r}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from moe_lm.config.schema import MoEConfig
 from moe_lm.model.layers import SwiGLU
-from moe_lm.routers import Router
+from moe_lm.routers import Router, RouterOutput
 from moe_lm.routers.functional import assignment_counts, entropy
 
 SUPPORTED_DEEPSPEED = (Version("0.19.4"), Version("0.20"))
@@ -124,14 +124,16 @@ class RouterGate(TopKGate):
         capacity = self._capacity(counts_E, num_tokens, slots)
         indices_KT, locations_KT, gates_KT = capacity_slots(expert_ids_TK, weights_TK, self.num_experts, capacity)
         coefs = self.router.loss_coefs
-        l_aux = sum((coefs[name] * loss for name, loss in out.aux_losses.items()), input.new_zeros((), dtype=torch.float32))
+        l_aux = sum((coefs[name] * loss for name, loss in out.aux_losses.items()),
+                    input.new_zeros((), dtype=torch.float32))
         if (self.training and torch.is_grad_enabled()) or self.record_always:
             self.record = routing_record(out, expert_ids_TK, counts_E, indices_KT, self.num_experts)
         return l_aux, capacity, self.num_experts, indices_KT, locations_KT, gates_KT, counts_E
 
 
 @torch.no_grad()
-def routing_record(out, expert_ids_TK: Tensor, counts_E: Tensor, indices_KT: Tensor, num_experts: int) -> dict[str, Tensor]:
+def routing_record(out: RouterOutput, expert_ids_TK: Tensor, counts_E: Tensor, indices_KT: Tensor,
+                   num_experts: int) -> dict[str, Tensor]:
     """Per-micro-batch sums from which `moe_lm.metrics` computes load balance, collapse and entropy."""
     used_TK = expert_ids_TK >= 0
     selected_mass = out.probs_TE.gather(-1, expert_ids_TK.clamp_min(0)) * used_TK

@@ -124,7 +124,7 @@ class GrMoEConfig(RouterConfig):
                                        f"gives every token the same affinity")
         if m < moe.num_experts * p:
             warnings.warn(f"model.moe.router.routing_dim={m} < num_experts·subspace_dim={moe.num_experts * p}: the "
-                          f"expert subspaces cannot be mutually orthogonal, so they start overlapping")
+                          f"expert subspaces cannot be mutually orthogonal, so they start overlapping", stacklevel=2)
 
 
 def softplus_inverse(y: float) -> float:

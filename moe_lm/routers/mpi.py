@@ -64,7 +64,8 @@ class MPIConfig(RouterConfig):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.moe.router.{key}", f"must be >= 0, got {getattr(self, key)}")
         if not self.power and (self.power_steps != 1 or self.detach_w1):
-            warnings.warn("model.moe.router.power=false (normalised rows): power_steps and detach_w1 are ignored")
+            warnings.warn("model.moe.router.power=false (normalised rows): power_steps and detach_w1 are ignored",
+                          stacklevel=2)
 
 
 class MPIRouter(Router):

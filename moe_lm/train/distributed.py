@@ -201,8 +201,8 @@ def moe_grad_norm(parameters) -> torch.Tensor:
 
     dense, experts = None, {}
     for param in parameters:
-        squared = (param.grad.detach().double().square().sum() if param.grad is not None
-                   else torch.zeros((), dtype=torch.float64, device=param.device))
+        squared = (torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).double().square()
+                   if param.grad is not None else torch.zeros((), dtype=torch.float64, device=param.device))
         if is_moe_param(param):
             experts[param.group_name] = experts.get(param.group_name, 0) + squared
         else:
@@ -221,11 +221,12 @@ def install_moe_grad_clipping(engine) -> None:
     """Exact gradient clipping for ZeRO stage 0 in fp32 (DeepSpeed's `clip_fp32_gradients` path).
 
     DeepSpeed's own clipping there averages each rank's local norm over the data-parallel group. Under expert
-    parallelism ranks hold different experts, so that average is neither the model's gradient norm nor the
-    single-process one (it differs from it, and so does the clipping), and the engine records no norm at all
+    parallelism ranks hold different experts, so that average is not the model's gradient norm (nor the
+    1-process one, and the clipping differs with it), and the engine records no norm at all
     (`get_global_grad_norm()` is None). This replaces it with `moe_grad_norm`, clips with the configured
-    `gradient_clipping`, and records the norm for `get_global_grad_norm()`. ZeRO 1/2 and bf16 compute the norm
-    over expert groups themselves and are left alone.
+    `gradient_clipping`, and records the norm for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over the
+    expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's bf16
+    optimizer keeps its own clipping.
     """
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import deepspeed
@@ -132,6 +131,7 @@ class Trainer:
         self.stop_requested = False  # a stop signal reached some rank (all-reduced at each step boundary)
         self.last_checkpoint: Path | None = None
         self.last_metrics: dict = {}
+        self.tokens_per_s = 0.0  # of the last logging interval, for the progress bar
         resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir)
         self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank,
                                      resume_id=read_wandb_id(self.run_dir) if resume_from else None)
@@ -148,7 +148,8 @@ class Trainer:
                          self.rank, self.world)
         sums = torch.zeros(2, device=self.device)  # lm loss, aux loss, summed over micro-batches
         for micro in range(t.grad_accum_steps):
-            inputs, targets = make_batch(self.train_data, ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
+            batch_ids = ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
+            inputs, targets = make_batch(self.train_data, batch_ids)
             _, lm_loss, aux_loss = self.engine(inputs.to(self.device), targets.to(self.device))
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
             # backward even on a NaN/inf loss: every rank must run the same backward collectives
@@ -245,7 +246,8 @@ class Trainer:
             ids = self.val_ids[b * per_batch:(b + 1) * per_batch]
             inputs, targets = make_batch(self.val_data, rank_slice(ids, self.rank, self.world))
             _, lm_loss, _ = self.engine(inputs.to(self.device), targets.to(self.device))
-            sums += torch.stack([lm_loss.double() * targets.numel(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+            tokens = torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device)
+            sums += torch.stack([lm_loss.double() * tokens, tokens])
         self.engine.train()
         dist.all_reduce(sums)
         loss = (sums[0] / sums[1]).item()
@@ -301,7 +303,7 @@ class Trainer:
             if "perf/tokens_per_s" in metrics:
                 self.tokens_per_s = metrics["perf/tokens_per_s"]
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ppl=f"{metrics['train/ppl']:.1f}",
-                            tok_s=f"{getattr(self, 'tokens_per_s', 0.0):.0f}", refresh=False)
+                            tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
             bar.update(1)
             self.last_metrics = metrics
             if self._checkpoint_due():
@@ -344,7 +346,8 @@ class Trainer:
             "params_total": self.counts.total, "params_active": self.counts.active,
             **{key.removeprefix("perf/"): value for key, value in run_meter_summary.items()},
             "peak_flops_source": self.peak_source,
-            **{k: v for k, v in self.last_metrics.items() if k.startswith(("moe/", "router/")) and k != "moe/load_shares"},
+            **{k: v for k, v in self.last_metrics.items()
+               if k.startswith(("moe/", "router/")) and k != "moe/load_shares"},
         }
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

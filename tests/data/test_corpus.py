@@ -1,5 +1,4 @@
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
