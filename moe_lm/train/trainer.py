@@ -296,7 +296,7 @@ class Trainer:
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 val = self.evaluate()
                 metrics.update(val)
-            if "moe/load_shares" in metrics or "val/loss" in metrics:
+            if "moe/load_shares" in metrics or "val/loss" in metrics or any(k.startswith("router/") for k in metrics):
                 self.loggers.log(metrics, self.step)
             for meter in self.meters:
                 meter.start()  # evaluation and logging are not charged to the next step
