@@ -64,7 +64,7 @@ def _train_worker(rank: int, world: int, runs: list[tuple[str, list[str]]], out_
         trainer = Trainer(load_config(None, overrides), env=env, progress=False)
         calls = [0] * NUM_LAYERS  # forwards of each MoE layer, training and evaluation
         for layer, moe in enumerate(trainer.model.moe_layers()):
-            moe.register_forward_hook(lambda *_, layer=layer: calls.__setitem__(layer, calls[layer] + 1))
+            moe.register_forward_hook(lambda *_, layer=layer, calls=calls: calls.__setitem__(layer, calls[layer] + 1))
         counts = []  # per step: the tracker's global assignment counts [layer][expert]
         train_step = trainer._train_step
 

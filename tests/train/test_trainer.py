@@ -31,7 +31,8 @@ def test_training_writes_metrics_and_a_summary_and_lowers_the_loss(tmp_path):
     run_distributed(_train, 1, tiny_overrides(tmp_path, "train.grad_accum_steps=2"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    assert [r["step"] for r in train_rows] == [1, 2, 4, 6, 8]  # every log_interval, and step 1's router diagnostics
+    assert "router/softmax_topk/alignment_mean" in train_rows[0]
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     assert [r["step"] for r in rows if "val/loss" in r] == [4, 8]
     assert train_rows[-1]["tokens"] == 8 * 2 * 4 * 32  # steps x accumulation x micro-batch x sequence
