@@ -336,6 +336,17 @@ def router_alignment(rows_ED: Tensor, expert_w1_EFD: Tensor) -> Tensor:
     return direction_alignment(rows_ED, principal_right_singular(expert_w1_EFD)[1])
 
 
+def alignment_specificity(rows_ED: Tensor, v1_ED: Tensor) -> Tensor:
+    """s = mean_e |cos∠(r_e, v₁e)| − mean_{e≠e'} |cos∠(r_e, v₁e')|: how much more row e aligns with *its own*
+    expert's top singular vector than with the other experts'. Alignment alone cannot tell this from a direction
+    every expert and row share (e.g. the mean of the hidden states): then s ≈ 0 however high the alignment.
+    s = 1 for rows equal to mutually orthogonal v₁e. Needs all E rows and v₁ (gather them under EP)."""
+    cos_EE = (torch.nn.functional.normalize(rows_ED.float(), dim=-1) @ v1_ED.float().t()).abs()
+    num_experts = cos_EE.shape[0]
+    own = cos_EE.diagonal().mean()
+    return own - (cos_EE.sum() - cos_EE.diagonal().sum()) / max(num_experts * (num_experts - 1), 1)
+
+
 def rayleigh_ratio(rows_ED: Tensor, w1_EFD: Tensor, sigma1_E: Tensor | None = None) -> Tensor:
     """ρ_e = ||W_e r̂_e|| / σ₁(W_e) ∈ [σ_min/σ₁, 1], with r̂_e = r_e/||r_e||: the share of the expert's largest gain
     that direction r_e gets. ρ_e = 1 exactly when r̂_e = ±v₁ (for σ₁ > σ₂). Chance level (r̂_e uniform on the

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Router, RouterOutput
 from moe_lm.routers.functional import (
+    alignment_specificity,
     direction_alignment,
     expert_scalars,
     gather_over_group,
@@ -144,7 +145,8 @@ class MPIRouter(Router):
     def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
         """Alignment a_e = |⟨φ_e, v₁(W1_e)⟩| and Rayleigh ratio ||W1_e φ_e|| / σ₁(W1_e), per expert and mean, from an
         exact SVD; plus the means of the same two for the raw rows r (what the optimizer moves; compare
-        `softmax_topk`) and of the spectral gap σ₂/σ₁ (near 1, v₁ is ill-defined and alignment means little).
+        `softmax_topk`), of the spectral gap σ₂/σ₁ (near 1, v₁ is ill-defined and alignment means little), and the
+        specificity of φ and of r (own expert's v₁ vs the others': `functional.alignment_specificity`).
         Collective under expert parallelism: every rank of the EP group must call it, and all return the full dict.
         """
         if expert_w1_EFD is None:
@@ -161,6 +163,9 @@ class MPIRouter(Router):
         summary_3E = gather_over_group(torch.stack([direction_alignment(rows_LD, v1_LD),  # what the optimizer moves
                                                     rayleigh_ratio(rows_LD, w1_LFD, sigma_LR[:, 0]),
                                                     sigma_LR[:, 1] / sigma_LR[:, 0]], dim=1), self.ep_group).mean(0)
+        phi_ED, v1_ED = gather_over_group(phi_LD, self.ep_group), gather_over_group(v1_LD, self.ep_group)
         return {**expert_scalars("mpi/alignment", alignment_E), **expert_scalars("mpi/rayleigh", rayleigh_E),
                 "mpi/row_alignment_mean": summary_3E[0].item(), "mpi/row_rayleigh_mean": summary_3E[1].item(),
-                "mpi/sigma2_over_sigma1_mean": summary_3E[2].item()}
+                "mpi/sigma2_over_sigma1_mean": summary_3E[2].item(),
+                "mpi/specificity": alignment_specificity(phi_ED, v1_ED).item(),
+                "mpi/row_specificity": alignment_specificity(self.rows, v1_ED).item()}

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Router, RouterOutput
-from moe_lm.routers.functional import (expert_scalars, gather_over_group, router_alignment,
-                                       switch_load_balancing_loss, topk_routing, z_loss)
+from moe_lm.routers.functional import (alignment_specificity, direction_alignment, expert_scalars, gather_over_group,
+                                       principal_right_singular, switch_load_balancing_loss, topk_routing, z_loss)
 
 
 @dataclass
@@ -78,9 +78,10 @@ class SoftmaxTopKRouter(Router):
 
     @torch.no_grad()
     def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
-        """|cos| of each router row with its expert's top right singular vector, for comparison with `mpi`."""
+        """|cos| of each router row with its expert's top right singular vector, and its specificity (own expert
+        vs the others), for comparison with `mpi`. Collective under expert parallelism."""
         if expert_w1_EFD is None:
             return {}
-        offset, num_local = self.local_expert_offset, expert_w1_EFD.shape[0]
-        alignment_L = router_alignment(self.proj.weight[offset:offset + num_local], expert_w1_EFD)
-        return expert_scalars("softmax_topk/alignment", gather_over_group(alignment_L, self.ep_group))
+        v1_ED = gather_over_group(principal_right_singular(expert_w1_EFD)[1], self.ep_group)
+        return {**expert_scalars("softmax_topk/alignment", direction_alignment(self.proj.weight, v1_ED)),
+                "softmax_topk/specificity": alignment_specificity(self.proj.weight, v1_ED).item()}

@@ -22,6 +22,7 @@ from moe_lm.model.transformer import count_parameters
 from moe_lm.moe import MoEFeedForward
 from moe_lm.routers import REGISTRY, build_router
 from moe_lm.routers.functional import (
+    alignment_specificity,
     direction_alignment,
     manifold_power_iteration,
     power_retract_step,
@@ -287,8 +288,10 @@ def test_diagnostics_report_alignment_and_rayleigh_per_expert_and_mean():
     per_expert = [f"mpi/{m}/e{e}" for m in ("alignment", "rayleigh") for e in range(E)]
     summary = {"mpi/alignment_mean", "mpi/rayleigh_mean", "mpi/row_alignment_mean", "mpi/row_rayleigh_mean",
                "mpi/sigma2_over_sigma1_mean"}
-    assert set(diag) == summary | set(per_expert)
-    assert all(isinstance(v, float) and 0 <= v <= 1 + 1e-6 for v in diag.values())
+    assert set(diag) == summary | set(per_expert) | {"mpi/specificity", "mpi/row_specificity"}
+    assert all(isinstance(diag[k], float) and 0 <= diag[k] <= 1 + 1e-6 for k in summary | set(per_expert))
+    v1 = principal_right_singular(w1)[1]
+    assert diag["mpi/specificity"] == pytest.approx(alignment_specificity(router.directions(w1), v1).item(), abs=1e-6)
     sigma = torch.linalg.svdvals(w1)
     assert diag["mpi/sigma2_over_sigma1_mean"] == pytest.approx((sigma[:, 1] / sigma[:, 0]).mean().item(), abs=1e-6)
     assert diag["mpi/row_rayleigh_mean"] == pytest.approx(rayleigh_ratio(router.rows, w1).mean().item(), abs=1e-6)
@@ -321,7 +324,8 @@ def test_softmax_topk_diagnostics_measure_its_rows_against_v1():
     router = SoftmaxTopKRouter(SoftmaxTopKConfig(), D, E, K)
     w1 = make_w1()
     diag = router.diagnostics(w1)
-    assert set(diag) == {"softmax_topk/alignment_mean", *(f"softmax_topk/alignment/e{e}" for e in range(E))}
+    assert set(diag) == {"softmax_topk/alignment_mean", "softmax_topk/specificity",
+                         *(f"softmax_topk/alignment/e{e}" for e in range(E))}
     assert diag["softmax_topk/alignment/e1"] == pytest.approx(router_alignment(router.proj.weight, w1)[1].item())
     with torch.no_grad():
         router.proj.weight.copy_(principal_right_singular(w1)[1])
@@ -446,3 +450,13 @@ def test_ep2_on_two_processes_gives_the_logits_and_gradients_of_ep1():
     DeepSpeed's MoE layer with ep_size=2 (EP group set by DeepSpeed), against ep_size=1. One spawn for both: a
     worker process spends most of its ~10 s importing torch and DeepSpeed."""
     run_distributed(_ep_worker, 2, router_reference(), layer_reference())
+
+
+def test_specificity_separates_own_expert_alignment_from_a_shared_direction():
+    v1_ED = torch.eye(4, 16)  # mutually orthogonal top singular vectors
+    assert alignment_specificity(v1_ED, v1_ED).item() == pytest.approx(1.0)
+    shared = torch.nn.functional.normalize(torch.ones(4, 16), dim=-1)
+    # every row and every v₁ along one common direction: perfect alignment, no specificity
+    assert direction_alignment(shared, shared).mean().item() == pytest.approx(1.0)
+    assert alignment_specificity(shared, shared).item() == pytest.approx(0.0, abs=1e-6)
+
