@@ -21,6 +21,14 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 # export NCCL_IB_DISABLE=1                 # no InfiniBand: TCP sockets only
 # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed or stuck collective ends the process instead of a hang
 
+# Exit with the calling script's usage unless it got a recipe: moe_lm_require_recipe "$#".
+moe_lm_require_recipe() {
+    if [ "$1" -lt 1 ]; then
+        echo "usage: launch/$(basename "$0") RECIPE [key=value ...]" >&2
+        exit 2
+    fi
+}
+
 # The `moe-lm` console script (installed by `pip install -e .`; activate the venv first).
 moe_lm_entrypoint() {
     command -v moe-lm || { echo "moe-lm launch: moe-lm is not on PATH (activate the venv: . .venv/bin/activate)" >&2

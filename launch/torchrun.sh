@@ -24,10 +24,7 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-if [ $# -lt 1 ]; then
-    echo "usage: launch/torchrun.sh RECIPE [key=value ...]" >&2
-    exit 2
-fi
+moe_lm_require_recipe "$#"
 recipe=$1
 shift
 entrypoint=$(moe_lm_entrypoint)
