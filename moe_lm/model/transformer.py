@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lm.config.schema import ModelConfig
+from moe_lm.metrics.throughput import flops_per_token
 from moe_lm.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
 from moe_lm.moe import MoEFeedForward
 from moe_lm.routers import build_router
@@ -107,8 +108,7 @@ class ParameterCounts:
     embedding: int
     lm_head: int
     flops_per_token: float
-    """Training FLOPs per token, torchtitan convention: 6·N_active_matmul + 12·L·d·S (no causal discount), where
-    N_active_matmul excludes the input embedding lookup unless it is tied to the lm_head."""
+    """Training FLOPs per token (`moe_lm.metrics.throughput.flops_per_token`, torchtitan convention)."""
 
 
 def count_parameters(cfg: ModelConfig) -> ParameterCounts:
@@ -124,6 +124,7 @@ def count_parameters(cfg: ModelConfig) -> ParameterCounts:
     base = total - experts - routers + per_expert * len(moe_layers)
     embedding = model.embed.weight.numel()
     lm_head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
-    matmul_params = active if cfg.tie_embeddings else active - embedding  # a tied embedding still runs as lm_head
-    flops = 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len
-    return ParameterCounts(total, active, per_expert, base, embedding, lm_head, float(flops))
+    # a tied embedding still runs as the lm_head matmul
+    flops = flops_per_token(active - embedding - lm_head, cfg.n_layers, cfg.d_model, cfg.seq_len,
+                            embedding if cfg.tie_embeddings else lm_head)
+    return ParameterCounts(total, active, per_expert, base, embedding, lm_head, flops)
