@@ -35,8 +35,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> None:
     from moe_lm.data import prepare_data
     from moe_lm.data.prepare import load_meta
 
+    from moe_lm.data import DataError
+
     cfg = load_config(args.recipe, args.overrides)
-    data_dir = prepare_data(cfg.data, cfg.model.seq_len)
+    try:
+        data_dir = prepare_data(cfg.data, cfg.model.seq_len)
+    except DataError as exc:
+        sys.exit(f"moe-lm: data error: {exc}")
     meta = load_meta(data_dir)
     _print_table(f"prepared {data_dir}", [(k, f"{v:,}" if isinstance(v, int) else str(v)) for k, v in meta.items()
                                            if not isinstance(v, (dict, list))])
@@ -51,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     # an unreachable master within parallel.init_timeout_s; the Trainer then finds the process group ready
     check_layout(cfg.parallel, env.world_size, cfg.model.moe.num_experts)
     init_distributed(cfg.parallel, env)
+    from moe_lm.data import DataError
     from moe_lm.train import Trainer
     from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.faults import TrainingDiverged
@@ -58,6 +64,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     try:
         trainer = Trainer(cfg, env)
         summary = trainer.train()
+    except DataError as exc:
+        sys.exit(f"moe-lm: {_rank_prefix()}data error: {exc}")
     except (CheckpointError, TrainingDiverged) as exc:
         sys.exit(f"moe-lm: {exc}")
     if summary.get("interrupted"):
@@ -79,11 +87,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
+    from moe_lm.model.memory import UNMODELLED_SHARE, estimate_memory
     from moe_lm.model.transformer import count_parameters
+    from moe_lm.train.distributed import check_layout
 
     cfg = load_config(args.recipe, args.overrides)
+    gpus = cfg.parallel.ep_size if args.gpus is None else args.gpus
+    if gpus < 1:
+        sys.exit(f"moe-lm: --gpus must be >= 1, got {gpus}")
+    check_layout(cfg.parallel, gpus, cfg.model.moe.num_experts)
     counts = count_parameters(cfg.model)
-    m = cfg.model
+    m, t = cfg.model, cfg.train
     _print_table(f"{args.recipe}", [
         ("layers x width x heads", f"{m.n_layers} x {m.d_model} x {m.n_heads}"),
         ("experts / top-k / MoE every", f"{m.moe.num_experts} / {m.moe.top_k} / {m.moe.layer_freq} layer(s)"),
@@ -93,6 +107,29 @@ def cmd_info(args: argparse.Namespace) -> None:
         ("active parameters per token", f"{counts.active:,}"),
         ("parameters per expert", f"{counts.per_expert:,}"),
         ("training FLOPs per token", f"{counts.flops_per_token:.3e}"),
+    ])
+    bf16 = t.precision != "fp32"  # auto is bf16 on the GPUs this plans for
+    est = estimate_memory(cfg, gpus, bf16)
+    act = est.activations
+    budget = args.gpu_mem_gib * 2 ** 30
+    usable = (1 - UNMODELLED_SHARE) * budget
+
+    def gib(nbytes: float) -> str:
+        return f"{nbytes / 2 ** 30:,.2f} GiB"
+
+    verdict = (f"yes, {gib(usable - est.total)} to spare" if est.fits(budget)
+               else f"no, {gib(est.total - usable)} over")
+    _print_table(f"memory per GPU: {gpus} GPU(s), ep_size {cfg.parallel.ep_size}, ZeRO-{cfg.parallel.zero_stage}, "
+                 f"{'bf16' if bf16 else 'fp32'}, micro-batch {t.micro_batch_size} x {m.seq_len} tokens, "
+                 f"activation checkpointing {'on' if t.activation_checkpointing else 'off'}", [
+        ("parameters (dense + this GPU's experts)", f"{est.dense_params:,} + {est.expert_params:,}"),
+        ("weights", gib(est.weights)),
+        ("gradients", gib(est.gradients)),
+        ("optimizer states" + (" (fp32 master + Adam)" if bf16 else " (Adam)"), gib(est.optimizer_states)),
+        ("activations: blocks", gib(act.layers)),
+        ("activations: final norm + fused loss", gib(act.head + act.loss_chunk)),
+        ("total", gib(est.total)),
+        (f"fits in {args.gpu_mem_gib:g} GiB ({UNMODELLED_SHARE:.0%} kept free)", verdict),
     ])
 
 
@@ -127,11 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in [("train", cmd_train, "train a recipe"),
                                   ("prepare-data", cmd_prepare_data, "tokenizer + token files for a recipe's data"),
-                                  ("info", cmd_info, "parameter and FLOP counts of a recipe (nothing allocated)")]:
+                                  ("info", cmd_info, "parameter and FLOP counts and memory per GPU of a recipe "
+                                                     "(nothing allocated)")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.set_defaults(func=func)
+        if func is cmd_info:
+            p.add_argument("--gpus", type=int, default=None,
+                           help="GPUs to plan memory for (default: parallel.ep_size, the fewest that can run it)")
+            p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB")
     p = sub.add_parser("compare", help="table and plots comparing finished runs")
     p.add_argument("runs", nargs="+", help="run directories, or wandb run paths entity/project/run_id (online runs)")
     p.add_argument("--out", required=True, help="output directory")

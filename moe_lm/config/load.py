@@ -1,9 +1,9 @@
 """Recipe loading: compose YAML parts, apply `key=value` overrides, merge onto the typed schema, validate.
 
-A recipe may list other recipe files under `include:` (paths relative to it); they are merged first, in
-order, then the recipe's own keys, then the command-line overrides. A layer that sets another
-`model.moe.router.name` replaces the router section below it (the old router's keys would be unknown to the
-new one); on the command line that is said in a warning listing the dropped keys.
+A recipe may list other recipe files under `include:` (paths relative to it; one file may be given without a
+list); they are merged first, in order, then the recipe's own keys, then the command-line overrides. A layer
+that sets another `model.moe.router.name` replaces the router section below it (the old router's keys would be
+unknown to the new one); on the command line that is said in a warning listing the dropped keys.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_lm.config.schema import Config, ConfigError, validate
@@ -50,8 +50,13 @@ def compose_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> DictConfig
     if path in _seen:
         raise ConfigError("include", f"{path} includes itself (via {' -> '.join(map(str, _seen))})")
     node = _read_yaml(path)
+    parts = node.pop("include", None) or []
+    if isinstance(parts, str):  # `include: model/tiny.yaml` means a list of one
+        parts = [parts]
+    if not isinstance(parts, (list, ListConfig)):
+        raise ConfigError("include", f"{path}: include must be a file or a list of files, got {parts!r}")
     merged = OmegaConf.create()
-    for part in node.pop("include", None) or []:
+    for part in parts:
         merged = _merge_layer(merged, compose_recipe(path.parent / str(part), _seen + (path,)))
     return _merge_layer(merged, node)
 

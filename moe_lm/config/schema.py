@@ -47,6 +47,9 @@ class DataConfig:
     """Share of documents held out for validation (chosen by a hash of the document, so stable)."""
     max_bytes: int = 0
     """Stop reading sources after this many bytes of text (0 = read everything)."""
+    decode_errors: str = "replace"
+    """Bytes that are not UTF-8: replace (with U+FFFD, counted and reported), skip (the whole document) or error
+    (stop, naming the file)."""
 
 
 @dataclass
@@ -153,6 +156,15 @@ class TrainConfig:
     precision (the run stops otherwise); Adam moments restart from zero."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps whose loss or gradient is NaN/inf (each is skipped)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them: far less activation
+    memory for about a third more compute. Routing records are taken once per micro-batch, not again in the
+    recomputation."""
+    compile: bool = False
+    """torch.compile the dense part of each block (attention and norms); the MoE layers stay eager."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
+    materialised, only one chunk of them at a time."""
 
     def global_batch_size(self, dp_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * dp_size
@@ -231,6 +243,11 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(bool(cfg.data.tokenizer) or cfg.data.vocab_size >= 257, "data.vocab_size",
+             f"must be >= 257 for a byte-level BPE (the 256 byte tokens and <|endoftext|>), got {cfg.data.vocab_size}")
+    _require(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
+    _require(cfg.data.decode_errors in ("replace", "skip", "error"), "data.decode_errors",
+             f"must be replace, skip or error, got {cfg.data.decode_errors!r}")
     _require(t.save_interval >= 0, "train.save_interval", f"must be >= 0, got {t.save_interval}")
     _require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode",

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_lm.data.errors import DataError
+
 MAGIC = b"MOELMTOK"
 VERSION = 1
 HEADER = struct.Struct("<8s5Q")  # magic, version, dtype code, vocab size, eos id, document count
@@ -29,7 +31,7 @@ DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 WRITE_CHUNK_TOKENS = 1 << 20
 
 
-class TokenFileError(ValueError):
+class TokenFileError(DataError):
     """A token file is missing, corrupt, or does not match its index."""
 
 

@@ -8,14 +8,16 @@ as the padding token. The tokenizer is saved with `save_pretrained`, so `AutoTok
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import datasets
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from moe_lm.data.errors import DataError
+
 EOS_TOKEN = "<|endoftext|>"
+MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # every byte, plus EOS_TOKEN
 TRAIN_BATCH_SIZE = 1000
 
 
@@ -25,8 +27,10 @@ def train_tokenizer(dataset: datasets.Dataset, vocab_size: int, out_dir: str | P
 
     A small corpus may yield fewer tokens than asked for: `len(tokenizer)` is the real vocabulary size.
     """
-    if vocab_size <= len(pre_tokenizers.ByteLevel.alphabet()):
-        raise ValueError(f"vocab_size={vocab_size} must exceed the 256 byte tokens of a byte-level BPE")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is below {MIN_VOCAB_SIZE}: a byte-level BPE needs the 256 byte "
+                         f"tokens and {EOS_TOKEN}")
+    _require_empty(out_dir)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -49,8 +53,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> None:
-    """Save into `out_dir`, replacing whatever tokenizer was there (stale files could shadow the new one)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    """Save into `out_dir`, which must be new or empty: a stale file there (an old vocab.json) could shadow the new
+    tokenizer, and a file moe-lm did not write is never deleted to make room."""
+    _require_empty(out_dir)
     tokenizer.save_pretrained(str(out_dir))
+
+
+def _require_empty(folder: str | Path) -> None:
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise DataError(f"{folder} is not an empty folder: a tokenizer is saved only into a new or empty one")

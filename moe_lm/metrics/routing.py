@@ -107,8 +107,8 @@ def _spread(values_L: Tensor) -> dict[str, Tensor]:
 class RoutingTracker:
     """Sums routing records over the micro-batches of a step, all-reduces them once, and turns them into metrics.
 
-    `record` only adds on the record's device (no host sync); `compute` does one all-reduce of one flat
-    float64 tensor (float32 sums lose exactness past 2^24 assignments). Every rank must record the same
+    `record` only adds on the record's device (no host sync); `reduce` does one all-reduce of one flat
+    float64 tensor, and `compute` reads it back (float32 sums lose exactness past 2^24 assignments). Every rank must record the same
     layers and the same loss/stat names between two computes, as lockstep data-parallel training does.
     """
 
@@ -118,6 +118,7 @@ class RoutingTracker:
         self.dead_expert_share, self.per_layer = dead_expert_share, per_layer
         self._sums_LS: Tensor | None = None  # per layer: counts E | kept E | probs_sum E | SUM_KEYS
         self._averaged: dict[str, Tensor] = {}  # name -> [2, L]: sum of values, number of values
+        self._reduced: tuple[list[str], Tensor] | None = None  # (averaged names, all-reduced flat sums)
         self._last_shares: list[list[float]] | None = None
         self._last_counts_LE: Tensor | None = None
 
@@ -143,25 +144,42 @@ class RoutingTracker:
                 acc[0, layer] += _float64(value, device).reshape(())
                 acc[1, layer] += 1
 
+    def reduce(self, group: dist.ProcessGroup | None = None) -> None:
+        """Sum what was recorded since the last reset over the ranks of `group` (None = world): one all-reduce,
+        on the device, no host read. `layer_counts` and `compute` then see the global sums."""
+        if self._sums_LS is None:
+            self._reduced = None
+            return
+        names = sorted(self._averaged)
+        flat = torch.cat([self._sums_LS.flatten()] + [self._averaged[n].flatten() for n in names])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        self._reduced = (names, flat)
+        n_sums = self.num_moe_layers * (3 * self.num_experts + len(SUM_KEYS))
+        self._last_counts_LE = flat[:n_sums].view(self.num_moe_layers, -1)[:, :self.num_experts]
+
+    def reset(self) -> None:
+        """Forget what was recorded (and reduced) so far."""
+        self._sums_LS, self._averaged, self._reduced = None, {}, None
+
     def compute(self, reset: bool = True, group: dist.ProcessGroup | None = None) -> dict[str, float]:
-        """Metrics of everything recorded since the last reset, summed over the ranks of `group` (None = world).
+        """Metrics of everything recorded since the last reset, summed over the ranks of `group` (None = world;
+        reduced here unless `reduce` already was).
 
         Summary keys (moe/load_cv_{mean,max,p50,p90}, moe/drop_frac, ...) and, with `per_layer`,
         moe/layer{i}/... keys: see docs/metrics.md. Returns {} when nothing was recorded (a dense model);
         layers that recorded nothing are left out.
         """
-        if self._sums_LS is None:
+        if self._reduced is None:
+            self.reduce(group)
+        if self._reduced is None:
             return {}
-        names = sorted(self._averaged)
-        flat = torch.cat([self._sums_LS.flatten()] + [self._averaged[n].flatten() for n in names])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        names, flat = self._reduced
         if reset:
-            self._sums_LS, self._averaged = None, {}
+            self.reset()
 
         L, E = self.num_moe_layers, self.num_experts
         n_sums = L * (3 * E + len(SUM_KEYS))
-        self._last_counts_LE = flat[:n_sums].view(L, -1)[:, :E]
         flat = flat.cpu()
         sums_LS, averaged = flat[:n_sums].view(L, -1), flat[n_sums:]
         counts_LE, kept_LE, probs_LE = sums_LS[:, :E], sums_LS[:, E:2 * E], sums_LS[:, 2 * E:3 * E]

@@ -106,9 +106,11 @@ def peak_memory_gib(device: torch.device | str = "cpu") -> float:
 class ThroughputMeter:
     """Times optimizer steps; turns tokens and seconds into throughput and MFU.
 
-    Call `step(tokens)` at the end of every optimizer step and `start()` after anything that is not training
-    (evaluation, checkpointing) so its time is not charged to the next step. The first `warmup_steps` steps
-    (kernel selection, allocator growth, compilation) are left out of the averages.
+    Call `step(tokens)` at the end of every optimizer step, `pause()` before anything that is not training
+    (evaluation, logging, checkpointing) and `start()` after it, so that its time is not charged to training. Only
+    `start`, `pause`, `compute` and warm-up steps read the clock, which on CUDA waits for the device: a step in
+    between costs no host sync. The first `warmup_steps` steps (kernel selection, allocator growth, compilation)
+    are left out of the averages.
     """
 
     def __init__(self, flops_per_token: float, peak_flops: float, world_size: int = 1,
@@ -128,15 +130,20 @@ class ThroughputMeter:
         """(Re)start the step clock."""
         self._last = self._now()
 
+    def pause(self) -> None:
+        """Charge the time since the clock (re)started to the steps taken since."""
+        now = self._now()
+        self._seconds += now - self._last
+        self._last = now
+
     def step(self, tokens: int) -> None:
         """End of an optimizer step that trained on `tokens` tokens summed over all devices."""
-        now = self._now()
         self._steps_seen += 1
-        if self._steps_seen > self.warmup_steps:
-            self._steps += 1
-            self._tokens += tokens
-            self._seconds += now - self._last
-        self._last = now
+        if self._steps_seen <= self.warmup_steps:
+            self.start()  # the clock starts after the warm-up
+            return
+        self._steps += 1
+        self._tokens += tokens
 
     def compute(self, reset: bool = True) -> dict[str, float]:
         """Averages over the steps since the last reset (past warm-up); only peak memory before any.
@@ -145,6 +152,7 @@ class ThroughputMeter:
         TFLOP/s achieved), perf/mfu (fraction of the peak), perf/step_time_s (mean seconds per step),
         perf/peak_mem_gib (GiB, see `peak_memory_gib`).
         """
+        self.pause()
         out = {"perf/peak_mem_gib": peak_memory_gib(self.device)}
         if self._steps:
             tokens_per_s = self._tokens / self._seconds

@@ -1,23 +1,26 @@
 """Decoder-only MoE transformer: pre-norm blocks of causal RoPE attention and a SwiGLU FFN, where every
 `model.moe.layer_freq`-th FFN is a DeepSpeed MoE layer with a moe-lm router.
 
-forward(input_ids_BS, targets_BS=None) -> (logits_BSV, lm_loss, aux_loss); aux_loss is Σ over MoE layers of
-each router's weighted aux losses (already scaled by their coefficients).
+forward(input_ids_BS) -> (logits_BSV, None, aux_loss) and forward(input_ids_BS, targets_BS) -> (None, lm_loss,
+aux_loss): with targets the lm-head and cross-entropy run fused in chunks (`loss.py`), and no logits are returned.
+aux_loss is Σ over MoE layers of each router's weighted aux losses (already scaled by their coefficients).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_lm.config.schema import ModelConfig
 from moe_lm.metrics.throughput import flops_per_token
 from moe_lm.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
-from moe_lm.moe import MoEFeedForward
+from moe_lm.model.loss import linear_cross_entropy
+from moe_lm.moe import MoEFeedForward, routing_records_paused
 from moe_lm.routers import build_router
 
 
@@ -37,10 +40,21 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
+def _recompute_without_records() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """Contexts of a checkpointed block's forward and of its recomputation in backward."""
+    return contextlib.nullcontext(), routing_records_paused()
+
+
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0):
+    """The decoder. `activation_checkpointing` recomputes each block in backward instead of storing its activations;
+    `loss_chunk_tokens` bounds the logits held at once by the fused loss."""
+
+    def __init__(self, cfg: ModelConfig, ep_size: int = 1, ep_rank: int = 0, seed: int = 0,
+                 activation_checkpointing: bool = False, loss_chunk_tokens: int = 4096):
         super().__init__()
         self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.loss_chunk_tokens = loss_chunk_tokens
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled by depth
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         blocks = []
@@ -80,20 +94,48 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
 
-    def forward(self, input_ids_BS: Tensor, targets_BS: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def routing_records(self) -> list[dict[str, Tensor] | None]:
+        """The routing record of each MoE layer's last training forward (`moe_lm.moe.routing_record`)."""
+        return [layer.gate.record for layer in self.moe_layers()]
+
+    def needs_step_counts(self) -> bool:
+        """Whether some router keeps per-step state (e.g. an expert bias) that `after_step` must feed."""
+        return any(layer.router.needs_step_counts for layer in self.moe_layers())
+
+    def after_step(self, counts_per_layer: list[Tensor]) -> None:
+        """Once per optimizer step: each MoE layer's router gets its assignment counts [E], summed over all ranks."""
+        for layer, counts_E in zip(self.moe_layers(), counts_per_layer):
+            layer.router.post_step(counts_E)
+
+    def compile_dense(self) -> None:
+        """torch.compile, in place (state-dict keys unchanged), the dense modules of every block: norms, attention
+        and dense FFNs. MoE layers stay eager: their routing has data-dependent shapes."""
+        for block in self.blocks:
+            for module in (block.attn_norm, block.attn, block.ffn_norm, block.ffn):
+                if not isinstance(module, MoEFeedForward):
+                    module.compile()
+
+    def forward(self, input_ids_BS: Tensor,
+                targets_BS: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:
         if input_ids_BS.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence of {input_ids_BS.shape[1]} tokens > model.seq_len={self.cfg.seq_len}")
         x = self.embed(input_ids_BS)
         aux_loss = x.new_zeros((), dtype=torch.float32)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x, l_aux = block(x, self.rope_cos, self.rope_sin)
+            if recompute:
+                x, l_aux = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False,
+                                      context_fn=_recompute_without_records)
+            else:
+                x, l_aux = block(x, self.rope_cos, self.rope_sin)
             if l_aux is not None:
                 aux_loss = aux_loss + l_aux
-        logits_BSV = self.lm_head(self.norm(x))
-        lm_loss = None
-        if targets_BS is not None:
-            lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
-        return logits_BSV, lm_loss, aux_loss
+        h_BSD = self.norm(x)
+        if targets_BS is None:
+            return self.lm_head(h_BSD), None, aux_loss
+        lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets_BS.flatten(),
+                                       self.loss_chunk_tokens)
+        return None, lm_loss, aux_loss
 
 
 @dataclass(frozen=True)

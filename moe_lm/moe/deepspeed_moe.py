@@ -1,44 +1,46 @@
-"""The one place that knows DeepSpeed-MoE: our router behind its gate contract, and the MoE FFN block.
+"""The one place that knows DeepSpeed-MoE: moe-lm's MoE FFN block as a DeepSpeed `MoE` layer.
 
-DeepSpeed finds MoE layers by `isinstance(module, deepspeed.moe.layer.MoE)` (expert parallel groups, MoE
-optimizer groups, expert-sharded checkpoints) and gates by `isinstance(gate, TopKGate)` (timers), so
-`MoEFeedForward` subclasses `MoE` and `RouterGate` subclasses `TopKGate`, replacing DeepSpeed's linear
-softmax gating by any registered router.
+DeepSpeed finds MoE layers by `isinstance(module, deepspeed.moe.layer.MoE)`: expert-parallel process groups, MoE
+optimizer parameter groups and expert-sharded checkpoints (one file per global expert, keys
+`...deepspeed_moe.experts.deepspeed_experts.{i}.*`) all hang on that, so `MoEFeedForward` subclasses `MoE` and keeps
+its module tree. Its forward is moe-lm's own, in four stages:
 
-Gate contract of DeepSpeed >= 0.19.4 (`MOELayer.forward`, sparse routes):
-    gate(x_TD, used_token, sparse_routes=True, use_tutel) ->
-        (l_aux, capacity C, num_experts E, indices_KT int32 (-1 = dropped), locations_KT int32, gates_KT fp32,
-         exp_counts_E)
+1. route:    the router (behind `RouterGate`) picks experts and weights, and gives its aux losses;
+2. dispatch: one by-expert sort of the assignments (`dispatch.sort_by_expert`); capacity drops zero a weight;
+3. compute:  the local experts' SwiGLU as grouped GEMMs over expert-major rows (one process), or as batched GEMMs
+             over equal-size capacity buffers exchanged with DeepSpeed's all-to-all (expert parallelism);
+4. combine:  each token's expert outputs, weighted in fp32.
+
 Pitfalls handled here: gate parameter names must not contain "expert" (DeepSpeed writes such keys to the
-per-expert checkpoint files); `MoE` deep-copies one expert, so we re-initialise every expert from its own
-seed (keyed by its *global* id, so the model is the same for any ep_size); random token selection and
-sampled second experts are off, so routing is a function of the seed; the layer does not add `l_aux` to the
-loss, the model does.
+per-expert checkpoint files); `MoE` deep-copies one expert, so every expert is re-initialised from its own seed
+(keyed by its *global* id, so the model is the same for any ep_size); the layer returns `l_aux` and the model adds
+it to the loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.moe.sharded_moe import _AllToAll
 from packaging.version import Version
 from torch import Tensor, nn
 
 from moe_lm.config.schema import MoEConfig
 from moe_lm.model.layers import SwiGLU
+from moe_lm.moe.dispatch import batched_swiglu, capacity_slots, grouped_swiglu, sort_by_expert
 from moe_lm.routers import Router, RouterOutput
 from moe_lm.routers.functional import assignment_counts, entropy
 
 SUPPORTED_DEEPSPEED = (Version("0.19.4"), Version("0.20"))
 if not SUPPORTED_DEEPSPEED[0] <= Version(deepspeed.__version__) < SUPPORTED_DEEPSPEED[1]:
-    raise ImportError(f"moe-lm's gate adapter speaks the DeepSpeed-MoE gate contract of "
+    raise ImportError(f"moe-lm's MoE adapter is written against DeepSpeed-MoE "
                       f">={SUPPORTED_DEEPSPEED[0]},<{SUPPORTED_DEEPSPEED[1]}; installed: {deepspeed.__version__}")
 
 
@@ -47,49 +49,37 @@ def expert_capacity(num_tokens: int, slots: int, num_experts: int, factor: float
     return max(math.ceil(num_tokens * slots / num_experts * factor), min_capacity)
 
 
-def capacity_slots(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int,
-                   capacity: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Place assignments in per-expert buffers of `capacity` slots; return (indices_KT, locations_KT, gates_KT).
-
-    Slot-major priority, as GShard: every token's first choice claims a buffer position before any second
-    choice. Assignments past the capacity are dropped (index -1, gate 0); ids of -1 are unused slots.
-    """
-    ids_KT = expert_ids_TK.t()
-    used_KT = ids_KT >= 0
-    one_hot_KTE = F.one_hot(ids_KT.clamp_min(0), num_experts) * used_KT.unsqueeze(-1)
-    position_KTE = one_hot_KTE.flatten(0, 1).cumsum(0).view_as(one_hot_KTE) - 1
-    location_KT = position_KTE.gather(-1, ids_KT.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    kept_KT = used_KT & (location_KT < capacity)
-    indices_KT = torch.where(kept_KT, ids_KT, -1).to(torch.int32)
-    locations_KT = torch.where(kept_KT, location_KT, 0).to(torch.int32)
-    gates_KT = torch.where(kept_KT, weights_TK.t().float(), 0.0)
-    return indices_KT, locations_KT, gates_KT
-
-
 def balanced_assignment(num_tokens: int, slots: int, num_experts: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """`force_balanced_routing`: token t goes to experts (t + j) mod E with equal weights (benchmark switch)."""
     ids_TK = (torch.arange(num_tokens, device=device).unsqueeze(1) + torch.arange(slots, device=device)) % num_experts
     return torch.full((num_tokens, slots), 1.0 / slots, device=device), ids_TK
 
 
-class RouterGate(TopKGate):
-    """A moe-lm `Router` behind DeepSpeed's `TopKGate` contract, plus capacity and the routing record.
+_recording = True
 
-    1. route: the router gives probs_TE, expert_ids_TK, weights_TK and its unscaled aux losses;
-    2. capacity: fixed (`capacity_factor`) or dropless (the busiest expert's load, max over the EP group);
-    3. slots: assignments past capacity are dropped;
-    4. l_aux = Σ coef · loss over the router's losses (the model adds it to the LM loss);
-    5. record: in training with grad enabled (or always, with `record_always`, for evaluation sweeps), the sums
-       the metrics need are kept in `self.record`.
+
+@contextlib.contextmanager
+def routing_records_paused() -> Iterator[None]:
+    """No routing records inside: activation checkpointing runs each block's forward again during backward, and
+    the record of that recomputation must not replace (or cost as much as) the one taken in the forward."""
+    global _recording
+    previous, _recording = _recording, False
+    try:
+        yield
+    finally:
+        _recording = previous
+
+
+class RouterGate(nn.Module):
+    """A moe-lm `Router`, its weighted aux loss and the routing record of the last training micro-batch.
+
+    Sits where DeepSpeed's `TopKGate` was (`deepspeed_moe.gate`), so checkpoint keys are
+    `...deepspeed_moe.gate.router.*`. The record is kept in training with grad enabled (or always, with
+    `record_always`, for evaluation sweeps), never inside `routing_records_paused`.
     """
 
-    def __init__(self, router: Router, moe_cfg: MoEConfig, d_model: int,
-                 local_expert_w1: Callable[[], Tensor]):
-        super().__init__(d_model, moe_cfg.num_experts, k=moe_cfg.top_k, capacity_factor=moe_cfg.capacity_factor,
-                         eval_capacity_factor=moe_cfg.eval_capacity_factor, min_capacity=moe_cfg.min_capacity,
-                         noisy_gate_policy=None, drop_tokens=moe_cfg.drop_tokens, use_rts=False,
-                         top2_2nd_expert_sampling=False)
-        del self.wg  # DeepSpeed's own linear gate: the router replaces it
+    def __init__(self, router: Router, moe_cfg: MoEConfig, local_expert_w1: Callable[[], Tensor]):
+        super().__init__()
         self.router = router
         self.num_experts = moe_cfg.num_experts
         self.force_balanced_routing = moe_cfg.force_balanced_routing
@@ -98,53 +88,39 @@ class RouterGate(TopKGate):
         self.record_always = False
 
     def _set_ep_group(self, ep_group) -> None:
-        super()._set_ep_group(ep_group)
+        """DeepSpeed hands the expert-parallel group to the gate once its groups exist; the router needs it."""
         self.router.ep_group = ep_group
 
-    def _capacity(self, counts_E: Tensor, num_tokens: int, slots: int) -> int:
-        if self.drop_tokens:
-            factor = self.capacity_factor if self.training else self.eval_capacity_factor
-            return expert_capacity(num_tokens, slots, self.num_experts, factor, self.min_capacity)
-        busiest = counts_E.max().clamp_min(1).to(torch.int64)
-        if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
-            dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=self.ep_group)  # all-to-all chunks must match
-        return int(busiest)
-
-    def forward(self, input: Tensor, used_token: Tensor | None = None, sparse_routes: bool = False,
-                use_tutel: bool = False):
-        if not sparse_routes or use_tutel:
-            raise RuntimeError("RouterGate implements the sparse-route gate contract of DeepSpeed >= 0.19.4 only")
+    def forward(self, x_TD: Tensor) -> tuple[RouterOutput, Tensor]:
+        """(router output with the ids and weights to dispatch, l_aux = Σ coef · loss over its aux losses)."""
         expert_w1 = self.local_expert_w1() if self.router.needs_expert_w1 else None
-        out = self.router(input, expert_w1_EFD=expert_w1)
-        weights_TK, expert_ids_TK = out.weights_TK, out.expert_ids_TK
-        num_tokens, slots = expert_ids_TK.shape
+        out = self.router(x_TD, expert_w1_EFD=expert_w1)
         if self.force_balanced_routing:
-            weights_TK, expert_ids_TK = balanced_assignment(num_tokens, slots, self.num_experts, input.device)
-        counts_E = assignment_counts(expert_ids_TK, self.num_experts)
-        capacity = self._capacity(counts_E, num_tokens, slots)
-        indices_KT, locations_KT, gates_KT = capacity_slots(expert_ids_TK, weights_TK, self.num_experts, capacity)
+            weights_TK, expert_ids_TK = balanced_assignment(*out.expert_ids_TK.shape, self.num_experts, x_TD.device)
+            out = RouterOutput(out.probs_TE, expert_ids_TK, weights_TK, out.aux_losses, out.stats)
         coefs = self.router.loss_coefs
         l_aux = sum((coefs[name] * loss for name, loss in out.aux_losses.items()),
-                    input.new_zeros((), dtype=torch.float32))
-        if (self.training and torch.is_grad_enabled()) or self.record_always:
-            self.record = routing_record(out, expert_ids_TK, counts_E, indices_KT, self.num_experts)
-        return l_aux, capacity, self.num_experts, indices_KT, locations_KT, gates_KT, counts_E
+                    x_TD.new_zeros((), dtype=torch.float32))
+        return out, l_aux
+
+    def keep_record(self, out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> None:
+        if _recording and ((self.training and torch.is_grad_enabled()) or self.record_always):
+            self.record = routing_record(out, counts_E, kept_counts_E)
 
 
 @torch.no_grad()
-def routing_record(out: RouterOutput, expert_ids_TK: Tensor, counts_E: Tensor, indices_KT: Tensor,
-                   num_experts: int) -> dict[str, Tensor]:
+def routing_record(out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> dict[str, Tensor]:
     """Per-micro-batch sums from which `moe_lm.metrics` computes load balance, collapse and entropy."""
-    used_TK = expert_ids_TK >= 0
-    selected_mass = out.probs_TE.gather(-1, expert_ids_TK.clamp_min(0)) * used_TK
+    used_TK = out.expert_ids_TK >= 0
+    selected_mass = out.probs_TE.gather(-1, out.expert_ids_TK.clamp_min(0)) * used_TK
     record = {
         "counts_E": counts_E,
-        "kept_counts_E": assignment_counts(indices_KT.long(), num_experts),
+        "kept_counts_E": kept_counts_E,
         "probs_sum_E": out.probs_TE.sum(0),
         "entropy_sum": entropy(out.probs_TE).sum(),
         "topk_mass_sum": selected_mass.sum(),
         "active_sum": used_TK.sum().float(),
-        "num_tokens": torch.tensor(float(expert_ids_TK.shape[0]), device=counts_E.device),
+        "num_tokens": torch.full((), float(out.expert_ids_TK.shape[0]), device=counts_E.device),
     }
     record.update({f"loss/{name}": loss.detach().float() for name, loss in out.aux_losses.items()})
     record.update({f"stat/{name}": value.detach().float() for name, value in out.stats.items()})
@@ -157,7 +133,10 @@ def stable_seed(*parts: object) -> int:
 
 
 class MoEFeedForward(MoE):
-    """DeepSpeed's MoE layer with SwiGLU experts and a moe-lm router. forward(x) -> (y, l_aux)."""
+    """DeepSpeed's MoE layer with SwiGLU experts and a moe-lm router. forward(x) -> (y, l_aux).
+
+    `expert_compute` ("auto", "grouped", "looped") picks the one-process expert kernel (`dispatch.grouped_swiglu`).
+    """
 
     def __init__(self, d_model: int, d_expert: int, moe_cfg: MoEConfig, router: Router, ep_size: int,
                  ep_rank: int, init_std: float, out_init_std: float, seed: int, layer_idx: int):
@@ -165,7 +144,9 @@ class MoEFeedForward(MoE):
                          ep_size=ep_size, k=moe_cfg.top_k, capacity_factor=moe_cfg.capacity_factor,
                          eval_capacity_factor=moe_cfg.eval_capacity_factor, min_capacity=moe_cfg.min_capacity,
                          drop_tokens=moe_cfg.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
-        self.deepspeed_moe.gate = RouterGate(router, moe_cfg, d_model, self.local_expert_w1)
+        self.deepspeed_moe.gate = RouterGate(router, moe_cfg, self.local_expert_w1)  # replaces DeepSpeed's TopKGate
+        self.moe_cfg = moe_cfg
+        self.expert_compute = "auto"
         self.global_expert_ids = [ep_rank * self.num_local_experts + i for i in range(self.num_local_experts)]
         for expert, global_id in zip(self.local_experts, self.global_expert_ids):
             generator = torch.Generator().manual_seed(stable_seed(seed, "expert", layer_idx, global_id))
@@ -191,6 +172,77 @@ class MoEFeedForward(MoE):
         """SwiGLU gate matrices of this rank's experts, [E_local, F, D] (autograd intact)."""
         return torch.stack([expert.w1.weight for expert in self.local_experts])
 
+    def _local_expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W1 [E, F, D], W3 [E, F, D], W2 [E, D, F]) of the local experts, stacked for one GEMM per projection.
+        The experts stay separate parameters: DeepSpeed's per-expert checkpoint files and keys depend on it."""
+        experts = self.local_experts
+        return tuple(torch.stack([getattr(e, name).weight for e in experts]) for name in ("w1", "w3", "w2"))
+
+    def _capacity(self, num_tokens: int, slots: int) -> int:
+        factor = self.moe_cfg.capacity_factor if self.training else self.moe_cfg.eval_capacity_factor
+        return expert_capacity(num_tokens, slots, self.num_experts, factor, self.moe_cfg.min_capacity)
+
     def forward(self, x_BSD: Tensor) -> tuple[Tensor, Tensor]:
-        y_BSD, l_aux, _ = super().forward(x_BSD)
-        return y_BSD, l_aux
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        out, l_aux = self.gate(x_TD)
+        compute = self._compute_local if self.ep_size == 1 else self._compute_expert_parallel
+        y_TD, counts_E, kept_counts_E = compute(x_TD, out.expert_ids_TK, out.weights_TK)
+        self.gate.keep_record(out, counts_E, kept_counts_E)
+        return y_TD.view_as(x_BSD), l_aux
+
+    def _compute_local(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """All experts on this rank: grouped GEMMs over exactly the routed rows (no capacity padding).
+
+        A capacity limit drops the assignments past each expert's first C (slot-major priority) by zeroing their
+        weight; returns (y_TD, counts_E, kept_counts_E).
+        """
+        num_tokens, slots = expert_ids_TK.shape
+        order = sort_by_expert(expert_ids_TK, self.num_experts)
+        counts_E = torch.diff(order.group_end_E, prepend=order.group_end_E.new_zeros(1)).float()
+        weights_KT = weights_TK.t().float()
+        kept_counts_E = counts_E
+        if self.moe_cfg.drop_tokens:
+            capacity = self._capacity(num_tokens, slots)
+            kept_KT = order.location_N.view(slots, num_tokens) < capacity
+            weights_KT = torch.where(kept_KT, weights_KT, 0.0)
+            kept_counts_E = counts_E.clamp_max(capacity)
+        rows_ND = x_TD.index_select(0, order.order_N % num_tokens)  # token of each expert-major row
+        y_ND = grouped_swiglu(rows_ND, *self._local_expert_weights(), order.group_end_E, self.expert_compute)
+        y_KTD = torch.empty_like(y_ND).index_copy_(0, order.order_N, y_ND).view(slots, num_tokens, -1)
+        y_TD = (y_KTD.float() * weights_KT.unsqueeze(-1)).sum(0).to(x_TD.dtype)
+        return y_TD, counts_E, kept_counts_E
+
+    def _compute_expert_parallel(self, x_TD: Tensor, expert_ids_TK: Tensor,
+                                 weights_TK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Experts sharded over the EP group: equal-size buffers [E, C, D] through DeepSpeed's all-to-all.
+
+        Dropless needs one capacity for the whole group (all-to-all chunks must match): the busiest expert's load,
+        max-reduced over the group and read back to the host once per layer.
+        """
+        num_tokens, slots = expert_ids_TK.shape
+        counts_E = assignment_counts(expert_ids_TK, self.num_experts)
+        if self.moe_cfg.drop_tokens:
+            capacity = self._capacity(num_tokens, slots)
+        else:
+            busiest = counts_E.max().clamp_min(1).to(torch.int64)
+            dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=self.deepspeed_moe.ep_group)
+            capacity = int(busiest)
+        indices_KT, locations_KT, gates_KT = capacity_slots(expert_ids_TK, weights_TK, self.num_experts, capacity)
+        trash = self.num_experts * capacity  # dropped assignments park on one extra slot
+        slot_N = torch.where(indices_KT >= 0, indices_KT.long() * capacity + locations_KT.long(), trash).reshape(-1)
+        token_N = torch.arange(num_tokens, device=x_TD.device).repeat(slots)
+        source_S = torch.full((trash + 1,), num_tokens, dtype=torch.long, device=x_TD.device)
+        source_S.scatter_(0, slot_N, token_N)  # slots nothing routes to read the zero row
+        padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+        buffers_ECD = padded_TD.index_select(0, source_S[:-1]).view(self.num_experts, capacity, -1)
+
+        ep, local = self.ep_size, self.num_local_experts
+        group = self.deepspeed_moe.ep_group
+        received = _AllToAll.apply(group, buffers_ECD)  # [ep (source rank), local, C, D]
+        local_LRD = received.view(ep, local, capacity, -1).transpose(0, 1).reshape(local, ep * capacity, -1)
+        y_LRD = batched_swiglu(local_LRD, *self._local_expert_weights())
+        y_ECD = _AllToAll.apply(group, y_LRD.view(local, ep, capacity, -1).transpose(0, 1).reshape_as(buffers_ECD))
+        padded_SD = torch.cat([y_ECD.reshape(trash, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
+        routed_KTD = padded_SD.index_select(0, slot_N).view(slots, num_tokens, -1)
+        y_TD = (routed_KTD.float() * gates_KT.unsqueeze(-1)).sum(0).to(x_TD.dtype)
+        return y_TD, counts_E, counts_E.clamp_max(capacity)

@@ -57,8 +57,15 @@ class Router(nn.Module):
         """Coefficient of each named aux loss in the training objective."""
         return {}
 
+    @property
+    def needs_step_counts(self) -> bool:
+        """True when `post_step` uses its counts: the trainer then all-reduces them every step, not only when it
+        logs."""
+        return False
+
     def post_step(self, counts_E: Tensor) -> None:
-        """Called once per optimizer step with this layer's global assignment counts of the step."""
+        """Called once per optimizer step with this layer's global assignment counts of the step (only when
+        `needs_step_counts`)."""
 
     def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
         """Costly router-specific measurements, logged at `metrics.diagnostics_interval`."""

@@ -70,6 +70,10 @@ class SoftmaxTopKRouter(Router):
             losses = {"load_balance": switch_load_balancing_loss(probs_TE, expert_ids_TK), "z_loss": z_loss(logits_TE)}
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses)
 
+    @property
+    def needs_step_counts(self) -> bool:
+        return self.cfg.bias_update_rate > 0
+
     @torch.no_grad()
     def post_step(self, counts_E: Tensor) -> None:
         if self.cfg.bias_update_rate > 0:

@@ -188,32 +188,42 @@ def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Σ ||g||² over `grads` in float64, from one fused multi-tensor norm (no per-parameter kernels)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double().square().sum()
+
+
 def moe_grad_norm(parameters) -> torch.Tensor:
     """L2 norm of the whole model's gradient with every expert counted once: the same number on every rank and
     for every layout (the single-process norm of the same global batch).
 
     Call it after DeepSpeed's gradient reduction: dense gradients are then identical on all ranks, and expert
     gradients identical within an expert-data-parallel group, so summing the local experts' squared norms over
-    the expert-parallel group covers each expert exactly once. A collective over every expert-parallel group.
+    the expert-parallel group covers each expert exactly once. A collective over every expert-parallel group; a
+    device tensor, never read back here.
     """
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups
 
-    dense, experts = None, {}
+    parameters = list(parameters)
+    device = parameters[0].device
+    dense, experts = [], {}
     for param in parameters:
-        squared = (torch.linalg.vector_norm(param.grad.detach(), dtype=torch.float32).double().square()
-                   if param.grad is not None else torch.zeros((), dtype=torch.float64, device=param.device))
+        if param.grad is None:
+            continue
         if is_moe_param(param):
-            experts[param.group_name] = experts.get(param.group_name, 0) + squared
+            experts.setdefault(param.group_name, []).append(param.grad.detach())
         else:
-            dense = squared if dense is None else dense + squared
-    total = dense if dense is not None else torch.zeros((), dtype=torch.float64)
+            dense.append(param.grad.detach())
+    total = _squared_norm(dense, device)
     for name in sorted(experts):  # the same order on every rank
-        squared = experts[name]
+        squared = _squared_norm(experts[name], device)
         group = groups._get_expert_parallel_group(name) if torch.distributed.is_initialized() else None
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(squared, group=group)
-        total = total + squared.to(total.device)
+        total = total + squared
     return total.sqrt()
 
 
@@ -224,23 +234,21 @@ def install_moe_grad_clipping(engine) -> None:
     parallelism ranks hold different experts, so that average is not the model's gradient norm (nor the
     1-process one, and the clipping differs with it), and the engine records no norm at all
     (`get_global_grad_norm()` is None). This replaces it with `moe_grad_norm`, clips with the configured
-    `gradient_clipping`, and records the norm for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over the
-    expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's bf16
-    optimizer keeps its own clipping.
+    `gradient_clipping` on the device (no host read: a non-finite norm leaves the gradients as they are, for the
+    skipped-step logic), and records the norm tensor for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over
+    the expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's
+    bf16 optimizer keeps its own clipping.
     """
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
         return
     max_norm = float(engine.gradient_clipping())
 
     def clip_fp32_gradients() -> None:
-        params = [p for p in engine.module.parameters() if p.requires_grad]
-        norm = moe_grad_norm(params)
-        if torch.isfinite(norm):
-            coef = min(1.0, max_norm / (norm.item() + 1e-6))
-            if coef < 1.0:
-                for param in params:
-                    if param.grad is not None:
-                        param.grad.detach().mul_(coef)
-        engine._global_grad_norm = norm.item()  # what get_global_grad_norm() returns (torch optimizers set none)
+        grads = [p.grad.detach() for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+        norm = moe_grad_norm(engine.module.parameters())
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(coef), coef, 1.0).to(torch.float32)
+        torch._foreach_mul_(grads, coef)
+        engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
 
     engine.clip_fp32_gradients = clip_fp32_gradients

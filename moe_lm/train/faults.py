@@ -69,9 +69,10 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 @torch.no_grad()
-def grads_finite(parameters: Iterable[torch.nn.Parameter]) -> bool:
-    """True if every local gradient is finite (parameters without a gradient, e.g. under ZeRO-2, are ignored)."""
+def grads_finite(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """A device bool: every local gradient is finite (parameters without a gradient, e.g. under ZeRO-2, are
+    ignored). One fused multi-tensor norm, not a check per parameter, and nothing read back to the host."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)))
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))

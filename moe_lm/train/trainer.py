@@ -101,12 +101,16 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical dense/router init on every rank
         ep_rank = self.rank % cfg.parallel.ep_size  # DeepSpeed's default topology: EP groups of consecutive ranks
-        model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, cfg.train.seed).to(self.device)
-        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and self.device.type == "cuda")
         t = cfg.train
-        # torch AdamW (no JIT-built fused op) that can skip a non-finite step on every rank (faults.py)
+        model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, t.seed, t.activation_checkpointing,
+                               t.loss_chunk_tokens).to(self.device)
+        if t.compile:
+            model.compile_dense()
+        self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        # torch's fused AdamW (one kernel for all parameters, CPU or CUDA; no DeepSpeed JIT build) that can skip a
+        # non-finite step on every rank (faults.py)
         optimizer = SkippableAdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
-                                   betas=(t.beta1, t.beta2), eps=t.eps)
+                                   betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -142,7 +146,9 @@ class Trainer:
     def tokens_per_step(self) -> int:
         return self.cfg.train.global_batch_size(self.world) * self.cfg.model.seq_len
 
-    def _train_step(self) -> dict[str, float]:
+    def _train_step(self, log: bool = True) -> dict[str, float]:
+        """One optimizer step. Everything stays on the device except the step-boundary flags (one host read per
+        step); with `log`, the losses and routing metrics are reduced over ranks and read back (else {})."""
         t = self.cfg.train
         ids = rank_slice(self.sampler.global_batch(self.consumed_samples, t.global_batch_size(self.world)),
                          self.rank, self.world)
@@ -150,30 +156,37 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             batch_ids = ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
             inputs, targets = make_batch(self.train_data, batch_ids)
-            _, lm_loss, aux_loss = self.engine(inputs.to(self.device), targets.to(self.device))
+            _, lm_loss, aux_loss = self.engine(inputs.to(self.device, non_blocking=True),
+                                               targets.to(self.device, non_blocking=True))
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
+            for layer, record in enumerate(self.model.routing_records()):
+                self.tracker.record(layer, record)
             # backward even on a NaN/inf loss: every rank must run the same backward collectives
             self.engine.backward(lm_loss + aux_loss)
-            for layer, moe in enumerate(self.model.moe_layers()):
-                self.tracker.record(layer, moe.gate.record)
             if micro == t.grad_accum_steps - 1:  # before the optimizer step: skip it on every rank if any is bad
                 self.client_optimizer.overflow = self._boundary_flags(sums)
             self.engine.step()
         bad = self.client_optimizer.overflow
         self.consumed_samples += t.global_batch_size(self.world)
         self.step += 1
-        dist.all_reduce(sums)
-        sums /= t.grad_accum_steps * self.world
-        metrics = self.tracker.compute(reset=True)
+        needs_counts = self.model.needs_step_counts()
+        if needs_counts or log:
+            self.tracker.reduce()
         if bad:
             self._count_bad_step()
         else:
             self.bad_streak = 0
-            for layer, moe in enumerate(self.model.moe_layers()):
-                moe.router.post_step(self.tracker.layer_counts(layer))
+            if needs_counts:
+                self.model.after_step([self.tracker.layer_counts(i) for i in range(self.tracker.num_moe_layers)])
+        if not log:
+            self.tracker.reset()
+            return {}
+        metrics = self.tracker.compute()
+        dist.all_reduce(sums)
+        loss, aux = (sums / (t.grad_accum_steps * self.world)).tolist()
         grad_norm = self.engine.get_global_grad_norm()
-        metrics.update({"train/loss": sums[0].item(), "train/aux_loss": sums[1].item(),
-                        "train/ppl": math.exp(min(sums[0].item(), 50.0)), "train/lr": self.scheduler.get_last_lr()[0],
+        metrics.update({"train/loss": loss, "train/aux_loss": aux, "train/ppl": math.exp(min(loss, 50.0)),
+                        "train/lr": self.scheduler.get_last_lr()[0],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                         "train/skipped_steps": self.skipped_steps, "tokens": self.step * self.tokens_per_step})
         return metrics
@@ -181,12 +194,14 @@ class Trainer:
     def _boundary_flags(self, loss_sums: torch.Tensor) -> bool:
         """One all-reduce at the accumulation boundary, so every rank takes the same decisions: is this step bad
         (a NaN/inf loss or local gradient on any rank; returned), and did any rank get a stop signal (sets
-        `stop_requested`, acted on at the end of the step)."""
-        local_bad = not bool(torch.isfinite(loss_sums).all()) or not grads_finite(self.model.parameters())
-        flags = torch.tensor([float(local_bad), float(self.signals.received is not None)], device=self.device)
+        `stop_requested`, acted on at the end of the step). The only host read of a training step."""
+        local_bad = ~torch.isfinite(loss_sums).all() | ~grads_finite(self.model.parameters())
+        stop = torch.full((), float(self.signals.received is not None), device=self.device)
+        flags = torch.stack([local_bad.float(), stop])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.stop_requested = self.stop_requested or bool(flags[1])
-        return bool(flags[0])
+        verdict = int((flags[0] + 2 * flags[1]).item())  # both flags in one read
+        self.stop_requested = self.stop_requested or bool(verdict & 2)
+        return bool(verdict & 1)
 
     def _count_bad_step(self) -> None:
         """The step just skipped had a NaN/inf loss or gradient: count it, stop after `train.max_bad_steps` in a row."""
@@ -281,35 +296,42 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, desc=self.cfg.run.name,
                    unit="step", dynamic_ncols=True)
         val = {}
-        interval_meter, run_meter = self.meters
+        interval_meter = self.meters[0]
         for meter in self.meters:
             meter.start()
         while self.step < t.max_steps:
-            metrics = self._train_step()
+            step = self.step + 1
+            diagnostics_due = step % self.cfg.metrics.diagnostics_interval == 0 or step == 1
+            eval_due = step % t.eval_interval == 0 or step == t.max_steps
+            log_due = step % t.log_interval == 0 or step == t.max_steps or diagnostics_due or eval_due
+            metrics = self._train_step(log=log_due)
             for meter in self.meters:
                 meter.step(self.tokens_per_step)
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            bar.update(1)
+            checkpoint_due = self._checkpoint_due()
+            if log_due or checkpoint_due:  # evaluation, logging and checkpointing are not charged to training
+                for meter in self.meters:
+                    meter.pause()
+            if log_due:
                 metrics.update(interval_meter.compute(reset=True))
                 metrics["moe/load_shares"] = self.tracker.last_load_shares()
-            if self.step % self.cfg.metrics.diagnostics_interval == 0 or self.step == 1:
-                metrics.update(self._diagnostics())
-            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                val = self.evaluate()
-                metrics.update(val)
-            if "moe/load_shares" in metrics or "val/loss" in metrics or any(k.startswith("router/") for k in metrics):
+                if diagnostics_due:
+                    metrics.update(self._diagnostics())
+                if eval_due:
+                    val = self.evaluate()
+                    metrics.update(val)
                 self.loggers.log(metrics, self.step)
-            for meter in self.meters:
-                meter.start()  # evaluation and logging are not charged to the next step
-            if "perf/tokens_per_s" in metrics:
-                self.tokens_per_s = metrics["perf/tokens_per_s"]
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ppl=f"{metrics['train/ppl']:.1f}",
-                            tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
-            bar.update(1)
-            self.last_metrics = metrics
-            if self._checkpoint_due():
+                self.tokens_per_s = metrics.get("perf/tokens_per_s", self.tokens_per_s)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", ppl=f"{metrics['train/ppl']:.1f}",
+                                tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
+                self.last_metrics = metrics
+            if checkpoint_due:
                 self.save_checkpoint()
             if self.stop_requested and self.step < t.max_steps:
                 break
+            if log_due or checkpoint_due:
+                for meter in self.meters:
+                    meter.start()
         bar.close()
         if self.step < t.max_steps:  # stopped by a signal
             self.loggers.close()

@@ -50,6 +50,20 @@ def test_recipe_parts_compose_and_overrides_win(tmp_path):
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.seed) == (0.5, 4, 9)
 
 
+def test_a_single_include_may_be_written_without_a_list(tmp_path):
+    (tmp_path / "part.yaml").write_text("train:\n  lr: 0.5\n")
+    (tmp_path / "recipe.yaml").write_text("include: part.yaml\ntrain:\n  max_steps: 4\n")
+    cfg = load_config(tmp_path / "recipe.yaml")
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.5, 4)
+
+
+def test_an_include_that_is_neither_a_file_nor_a_list_names_the_recipe(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("include: {model: tiny.yaml}\n")
+    with pytest.raises(ConfigError, match="recipe.yaml: include must be a file or a list of files") as err:
+        load_config(tmp_path / "recipe.yaml")
+    assert err.value.key == "include"
+
+
 def test_switching_router_on_the_command_line_drops_the_old_routers_keys():
     from moe_lm.routers import REGISTRY
     other = next((name for name in sorted(REGISTRY) if name != "softmax_topk"), None)

@@ -6,7 +6,10 @@ import pytest
 
 from moe_lm.config.schema import ConfigError, DataConfig
 from moe_lm.data import corpus
-from moe_lm.data.corpus import load_corpus, stdlib_files
+from moe_lm.data.corpus import ReadReport, load_corpus, stdlib_files
+from moe_lm.data.errors import DataError
+
+LATIN1_TEXT = "café crème brûlée"  # three bytes that are not UTF-8 once encoded as latin-1
 
 
 def test_folder_gives_one_document_per_file_in_sorted_order(tmp_path):
@@ -98,3 +101,92 @@ def test_hub_source_loads_the_train_split_of_name_and_config(monkeypatch):
 
     assert calls == [("org/wiki", "en", "train"), ("plain", None, "train")]
     assert list(texts) == ["org/wiki/en", "plain/None"]
+
+
+@pytest.mark.parametrize("decode_errors, expected", [
+    ("replace", ["caf\ufffd cr\ufffdme br\ufffdl\ufffde \ufffd", "plain"]),
+    ("skip", ["plain"]),
+])
+def test_undecodable_bytes_are_replaced_or_skipped_and_counted(tmp_path, decode_errors, expected):
+    (tmp_path / "a_latin1.txt").write_bytes(f"{LATIN1_TEXT} ".encode("latin-1") + "\ufffd".encode())
+    (tmp_path / "b_plain.txt").write_text("plain")
+    report = ReadReport()
+
+    with pytest.warns(UserWarning, match=f"a_latin1.txt.*decode_errors={decode_errors}"):
+        texts = load_corpus(DataConfig(sources=[str(tmp_path)], decode_errors=decode_errors), report=report)["text"]
+
+    assert list(texts) == expected
+    assert report.undecodable == [str(tmp_path / "a_latin1.txt")]
+    assert report.replaced_characters == (4 if decode_errors == "replace" else 0)  # the file's own U+FFFD is text
+
+
+def test_undecodable_bytes_in_error_mode_name_the_file_and_byte(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(LATIN1_TEXT.encode("latin-1"))
+
+    with pytest.raises(DataError, match=r"latin1.txt: byte 3 \(b'\\xe9'\) is not valid utf-8"):
+        load_corpus(DataConfig(sources=[str(tmp_path)], decode_errors="error"))
+
+
+def test_a_binary_file_named_txt_is_skipped_and_counted(tmp_path):
+    (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "notes.txt").write_text("notes")
+    report = ReadReport()
+
+    with pytest.warns(UserWarning, match="binary.*image.txt"):
+        texts = load_corpus(DataConfig(sources=[str(tmp_path)]), report=report)["text"]
+
+    assert list(texts) == ["notes"] and report.binary_files == [str(tmp_path / "image.txt")]
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ('{"text": "cut off', "rows.jsonl:2: not valid JSON at column 10: Unterminated string"),
+    ('["a", "list"]', "rows.jsonl:2: expected one JSON object per line, got list"),
+    ('{"text": 5}', "rows.jsonl:2: field 'text' \\(data.text_key\\) holds int 5, not a string"),
+])
+def test_a_bad_jsonl_line_is_named_by_file_and_line(tmp_path, bad_line, message):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text(f'{{"text": "fine"}}\n{bad_line}\n{{"text": "never reached"}}\n')
+
+    with pytest.raises(DataError, match=message):
+        load_corpus(DataConfig(sources=[str(jsonl)]))
+
+
+def test_a_lone_surrogate_escape_in_jsonl_is_an_undecodable_document(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"text": "half \\ud800 a pair"}\n{"text": "fine"}\n')
+
+    with pytest.raises(DataError, match="rows.jsonl:1: byte 5"):
+        load_corpus(DataConfig(sources=[str(jsonl)], decode_errors="error"))
+    with pytest.warns(UserWarning, match="rows.jsonl:1"):
+        assert list(load_corpus(DataConfig(sources=[str(jsonl)], decode_errors="skip"))["text"]) == ["fine"]
+
+
+def test_a_parquet_text_column_of_numbers_names_the_file_and_row(tmp_path):
+    parquet = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"text": [None, 7, 8]}), parquet)
+
+    with pytest.raises(DataError, match=r"rows.parquet: column 'text' \(data.text_key\) holds int64, not strings "
+                                        r"\(row 1: 7\)"):
+        load_corpus(DataConfig(sources=[str(parquet)]))
+
+
+def test_an_uncached_hub_dataset_fails_at_once_when_offline(monkeypatch):
+    monkeypatch.setattr(corpus.datasets.config, "HF_HUB_OFFLINE", True)  # as HF_DATASETS_OFFLINE=1 sets it
+
+    with pytest.raises(DataError, match="hf:nobody/nothing:en is not in the local cache .*OFFLINE is set"):
+        load_corpus(DataConfig(sources=["hf:nobody/nothing:en"]))
+
+
+def test_an_unreachable_hub_fails_before_any_download_is_tried(monkeypatch):
+    def unreachable(self, name, timeout):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_dataset retries for half a minute when the hub is unreachable")
+
+    monkeypatch.setattr(corpus.datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(corpus.HfApi, "dataset_info", unreachable)
+    monkeypatch.setattr(corpus.datasets, "load_dataset", no_download)
+
+    with pytest.raises(DataError, match="hf:org/wiki: the hub at .* is unreachable .*Network is unreachable"):
+        load_corpus(DataConfig(sources=["hf:org/wiki"]))

@@ -44,17 +44,21 @@ def test_prepare_writes_splits_that_decode_to_the_corpus(tmp_path):
     assert meta["bytes"] == sum(len(text.encode()) for text in corpus)
     assert meta["sources"] == cfg.sources and TokenFile(data_dir / "val").eos_id == meta["eos_id"]
     assert sorted(p.name for p in data_dir.iterdir()) == [
-        ".prepare.lock", "meta.json", "tokenizer", "train.bin", "train.idx", "val.bin", "val.idx"]
+        "meta.json", "tokenizer", "train.bin", "train.idx", "val.bin", "val.idx"]
+    assert meta["files"] == {p.relative_to(data_dir).as_posix(): p.stat().st_size for p in data_dir.rglob("*")
+                             if p.is_file() and p.name != "meta.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "corpus", "data"]  # no build folder left
 
 
 def test_prepare_is_idempotent(tmp_path):
     cfg = data_config(tmp_path)
     data_dir = prepare_data(cfg, progress=False)
     first_meta = load_meta(data_dir)
-    (data_dir / "train.bin").write_bytes(b"")  # a rebuild would overwrite this; a cached call must not look
+    zeros = bytes((data_dir / "train.bin").stat().st_size)
+    (data_dir / "train.bin").write_bytes(zeros)  # a rebuild would overwrite this; a cached call must not read it
 
     assert prepare_data(cfg, progress=False) == data_dir
-    assert load_meta(data_dir) == first_meta and (data_dir / "train.bin").stat().st_size == 0
+    assert load_meta(data_dir) == first_meta and (data_dir / "train.bin").read_bytes() == zeros
 
     rebuilt = load_meta(prepare_data(DataConfig(**(vars(cfg) | {"vocab_size": 280})), progress=False))
     assert rebuilt["fingerprint"] != first_meta["fingerprint"] and rebuilt["vocab_size"] <= 280
@@ -113,3 +117,33 @@ def test_unigram_perplexity_matches_the_smoothed_counts():
     assert unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected)
     assert unigram_perplexity(train, np.array([0, 0]), 3) < unigram_perplexity(train, np.array([2, 2]), 3)
 
+
+
+def test_vocab_below_the_bytes_and_eos_fails_before_any_source_is_read(tmp_path):
+    cfg = data_config(tmp_path, vocab_size=200, sources=[str(tmp_path / "nowhere")])
+
+    with pytest.raises(ConfigError, match="must be >= 257") as error:
+        prepare_data(cfg, progress=False)
+    assert error.value.key == "data.vocab_size" and not (tmp_path / "data").exists()
+
+
+def test_meta_counts_the_documents_that_reading_replaced_skipped_or_deduplicated(tmp_path):
+    cfg = data_config(tmp_path)
+    corpus = tmp_path / "corpus"
+    (corpus / "latin1.txt").write_bytes(("café crème " * 5).encode("latin-1"))
+    (corpus / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    copy = (corpus / "doc003.txt").read_text()
+    for name in ("copy_a.txt", "copy_b.txt"):
+        (corpus / name).write_text(copy)
+
+    with pytest.warns(UserWarning) as warned:
+        data_dir = prepare_data(cfg, progress=False)
+    meta = load_meta(data_dir)
+    documents = decoded_documents(data_dir, "train") + decoded_documents(data_dir, "val")
+
+    assert (meta["undecodable_documents"], meta["replaced_characters"]) == (1, 10)  # é and è, five times
+    assert meta["binary_files_skipped"] == 1 and meta["duplicate_documents_removed"] == 2
+    assert documents.count(copy) == 1 and ("caf\ufffd cr\ufffdme " * 5) in documents
+    assert len(documents) == 40 + 1 and not any("IHDR" in document for document in documents)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "latin1.txt" in messages and "blob.txt" in messages

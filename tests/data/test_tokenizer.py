@@ -4,6 +4,7 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
+from moe_lm.data.errors import DataError
 from moe_lm.data.tokenizer import EOS_TOKEN, load_tokenizer, train_tokenizer
 
 CORPUS = [
@@ -65,6 +66,15 @@ def test_tokenizer_training_is_deterministic(trained, tmp_path):
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
 
 
-def test_vocab_must_exceed_the_byte_alphabet(tmp_path):
-    with pytest.raises(ValueError, match="vocab_size=256"):
+def test_vocab_must_hold_the_byte_alphabet_and_eos(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=256 is below 257"):
         train_tokenizer(datasets.Dataset.from_dict({"text": CORPUS}), 256, tmp_path)
+    assert len(train_tokenizer(datasets.Dataset.from_dict({"text": CORPUS}), 257, tmp_path)) == 257
+
+
+def test_a_tokenizer_is_never_saved_over_a_folder_holding_files(tmp_path):
+    (tmp_path / "NOTES.md").write_text("mine")
+
+    with pytest.raises(DataError, match="is not an empty folder"):
+        train_tokenizer(datasets.Dataset.from_dict({"text": CORPUS}), 300, tmp_path)
+    assert (tmp_path / "NOTES.md").read_text() == "mine"

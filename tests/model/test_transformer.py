@@ -32,7 +32,10 @@ def test_loss_is_next_token_cross_entropy_and_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = MoETransformer(tiny_config().model)
     tokens = torch.randint(0, 64, (2, 16))
-    logits, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+    no_logits, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+    assert no_logits is None  # the fused loss never materialises them
+    with torch.no_grad():
+        logits, _, _ = model(tokens)
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.roll(-1, 1).flatten())
     torch.testing.assert_close(lm_loss, expected)
     assert aux_loss > 0
@@ -78,3 +81,43 @@ def test_presets_are_named_after_their_dense_base_model(recipe, base):
     counts = count_parameters(load_config(f"recipes/{recipe}.yaml").model)
     assert abs(counts.base - base) / base < 0.10
     assert counts.total > 2 * counts.base
+
+
+def loss_and_grads(model, tokens):
+    _, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+    model.zero_grad()
+    (lm_loss + aux_loss).backward()
+    return lm_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "grmoe", "mpi"])
+def test_activation_checkpointing_changes_memory_not_results_and_records_routing_once(router):
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_config(f"model.moe.router.name={router}").model)
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    loss, grads = loss_and_grads(model, tokens)
+    records = model.routing_records()
+    model.activation_checkpointing = True
+    torch.manual_seed(1)
+    _, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+    forward_records = model.routing_records()
+    model.zero_grad()
+    (lm_loss + aux_loss).backward()
+    assert [r is f for r, f in zip(model.routing_records(), forward_records)] == [True, True]  # not retaken
+    torch.testing.assert_close(lm_loss.detach(), loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=name)
+    for before, after in zip(records, forward_records):
+        assert before.keys() == after.keys()
+        for key in before:
+            torch.testing.assert_close(after[key], before[key])
+
+
+def test_compiling_the_dense_modules_keeps_checkpoint_keys_and_leaves_moe_layers_eager():
+    model = MoETransformer(tiny_config().model)
+    keys = list(model.state_dict())
+    model.compile_dense()
+    assert list(model.state_dict()) == keys
+    assert all(block.attn._compiled_call_impl is not None for block in model.blocks)
+    assert all(layer._compiled_call_impl is None for layer in model.moe_layers())

@@ -1,12 +1,13 @@
-"""The DeepSpeed gate adapter: the contract of the installed DeepSpeed, capacity, and the layer's output."""
+"""The DeepSpeed MoE adapter: a DeepSpeed `MoE` layer with moe-lm's routing, dispatch, expert compute and records."""
 
 import pytest
 import torch
+from torch.nn.functional import one_hot
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
 
 from moe_lm.config import load_config
-from moe_lm.moe import MoEFeedForward, capacity_slots, expert_capacity
+from moe_lm.moe import MoEFeedForward, capacity_slots, expert_capacity, grouped_swiglu, routing_records_paused
+from moe_lm.moe.dispatch import sort_by_expert
 from moe_lm.routers import REGISTRY, build_router
 
 D, F, E, K, T = 16, 24, 4, 2, 32
@@ -24,7 +25,7 @@ def make_layer(router_name="softmax_topk", *overrides):
 @pytest.mark.parametrize("router_name", sorted(REGISTRY))
 def test_every_router_runs_forward_and_backward_through_deepspeeds_moe_layer(router_name):
     layer = make_layer(router_name)
-    assert isinstance(layer, MoE) and isinstance(layer.gate, TopKGate)
+    assert isinstance(layer, MoE)  # what DeepSpeed looks for: EP groups, MoE optimizer groups, expert files
     gate_names = [n for n, _ in layer.gate.named_parameters()] + [n for n, _ in layer.gate.named_buffers()]
     assert gate_names and not [n for n in gate_names if "expert" in n]  # DeepSpeed routes those to expert files
     x = torch.randn(2, T // 2, D, requires_grad=True)
@@ -36,27 +37,77 @@ def test_every_router_runs_forward_and_backward_through_deepspeeds_moe_layer(rou
     assert all(p.grad is not None for p in layer.local_experts.parameters())
 
 
-def test_gate_speaks_the_sparse_route_contract_of_the_installed_deepspeed():
-    layer = make_layer()
-    l_aux, capacity, num_experts, indices, locations, gates, counts = layer.gate(torch.randn(T, D), None, True, False)
-    assert num_experts == E and isinstance(capacity, int)
-    assert indices.shape == locations.shape == gates.shape == (K, T)
-    assert indices.dtype == locations.dtype == torch.int32 and gates.dtype == torch.float32
-    assert counts.shape == (E,) and counts.sum() == T * K
+def test_expert_parameters_keep_deepspeeds_per_expert_checkpoint_keys():
+    names = [n for n, _ in make_layer().named_parameters()]
+    assert "deepspeed_moe.experts.deepspeed_experts.3.w2.weight" in names
+    assert "deepspeed_moe.gate.router.proj.weight" in names
 
 
-def test_layer_output_equals_the_weighted_sum_of_the_routed_experts():
-    layer = make_layer()
+def reference_output(layer, x, capacity=None):
+    """The plain loop: each token's kept experts, weighted; with `capacity`, slot-major first come first kept."""
+    routed = layer.router(x)
+    expected, used = torch.zeros_like(x), [0] * E
+    for slot in range(K):
+        for t in range(x.shape[0]):
+            e = int(routed.expert_ids_TK[t, slot])
+            if capacity is not None and used[e] >= capacity:
+                continue
+            used[e] += 1
+            expected[t] += routed.weights_TK[t, slot] * layer.local_experts[e](x[t])
+    return expected
+
+
+@pytest.mark.parametrize("drop_tokens", [False, True])
+def test_layer_output_equals_the_weighted_sum_of_the_routed_experts(drop_tokens):
+    layer = make_layer("softmax_topk", f"model.moe.drop_tokens={drop_tokens}", "model.moe.capacity_factor=0.75",
+                       "model.moe.min_capacity=1")
     x = torch.randn(T, D)
     with torch.no_grad():
         y, _ = layer(x)
-        routed = layer.router(x)
-        expected = torch.zeros_like(x)
-        for t in range(T):
-            for slot in range(K):
-                expert = layer.local_experts[int(routed.expert_ids_TK[t, slot])]
-                expected[t] += routed.weights_TK[t, slot] * expert(x[t])
+        expected = reference_output(layer, x, expert_capacity(T, K, E, 0.75, 1) if drop_tokens else None)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_and_looped_expert_compute_give_equal_outputs_and_gradients():
+    torch.manual_seed(0)
+    ids_TK = torch.randint(0, E, (T, K))
+    ids_TK[3, 1] = -1  # an unused slot: its row belongs to no expert and comes out as zeros
+    order = sort_by_expert(ids_TK, E)
+    x = torch.randn(T * K, D)
+    weights = [torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)]
+    results = []
+    for impl in ("grouped", "looped"):
+        leaves = [t.clone().requires_grad_() for t in [x, *weights]]
+        y = grouped_swiglu(*leaves, order.group_end_E, impl=impl)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append([y.detach()] + [leaf.grad for leaf in leaves])
+    for grouped, looped in zip(*results):
+        torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+    assert results[0][0][-1].abs().sum() == 0  # the unused slot sorts last
+
+
+def one_hot_capacity_slots(expert_ids_TK, weights_TK, num_experts, capacity):
+    """The slot assignment moe-lm shipped before the sort: a [K, T, E] one-hot and a cumsum along K·T."""
+    ids_KT = expert_ids_TK.t()
+    used_KT = ids_KT >= 0
+    one_hot_KTE = one_hot(ids_KT.clamp_min(0), num_experts) * used_KT.unsqueeze(-1)
+    position_KTE = one_hot_KTE.flatten(0, 1).cumsum(0).view_as(one_hot_KTE) - 1
+    location_KT = position_KTE.gather(-1, ids_KT.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    kept_KT = used_KT & (location_KT < capacity)
+    return (torch.where(kept_KT, ids_KT, -1).to(torch.int32), torch.where(kept_KT, location_KT, 0).to(torch.int32),
+            torch.where(kept_KT, weights_TK.t().float(), 0.0))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("capacity", [1, 3, 8, 64])
+def test_sorted_slot_assignment_equals_the_one_hot_one(seed, capacity):
+    generator = torch.Generator().manual_seed(seed)
+    num_experts, tokens, slots = 6, 40, 3
+    ids_TK = torch.randint(-1, num_experts, (tokens, slots), generator=generator)  # -1: unused slots
+    weights_TK = torch.rand(tokens, slots, generator=generator)
+    for new, old in zip(capacity_slots(ids_TK, weights_TK, num_experts, capacity),
+                        one_hot_capacity_slots(ids_TK, weights_TK, num_experts, capacity)):
+        assert torch.equal(new, old)
 
 
 def test_capacity_drops_later_assignments_first_choices_before_second():
@@ -88,8 +139,8 @@ def test_dropped_tokens_contribute_nothing_to_the_output():
 
 def test_force_balanced_routing_spreads_tokens_evenly():
     layer = make_layer("softmax_topk", "model.moe.force_balanced_routing=true")
-    _, _, _, indices, _, _, counts = layer.gate(torch.randn(T, D), None, True, False)
-    assert counts.tolist() == [T * K / E] * E
+    layer(torch.randn(T, D))
+    assert layer.gate.record["counts_E"].tolist() == [T * K / E] * E
 
 
 def test_routing_record_is_kept_only_in_training_with_grad():
@@ -99,3 +150,21 @@ def test_routing_record_is_kept_only_in_training_with_grad():
     assert layer.gate.record is None
     layer(torch.randn(T, D))
     assert layer.gate.record["num_tokens"] == T and layer.gate.record["counts_E"].sum() == T * K
+
+
+def test_no_routing_record_is_taken_while_records_are_paused():
+    """Activation checkpointing recomputes the forward under `routing_records_paused`: the forward's record stays."""
+    layer = make_layer()
+    layer(torch.randn(T, D))
+    record = layer.gate.record
+    with routing_records_paused():
+        layer(torch.randn(T, D))
+    assert layer.gate.record is record
+
+
+def test_capacity_drops_are_recorded_per_expert():
+    layer = make_layer("softmax_topk", "model.moe.drop_tokens=true", "model.moe.capacity_factor=0.25",
+                       "model.moe.min_capacity=1")
+    layer(torch.randn(T, D))
+    record = layer.gate.record
+    assert torch.equal(record["kept_counts_E"], record["counts_E"].clamp_max(4))

@@ -66,10 +66,10 @@ def signal_at(trainer, step, sig):
     """Send `sig` to this process during step `step` (mid-run, from inside the loop)."""
     train_step = trainer._train_step
 
-    def step_then_signal():
+    def step_then_signal(log=True):
         if trainer.step + 1 == step:
             os.kill(os.getpid(), sig)
-        return train_step()
+        return train_step(log=log)
     trainer._train_step = step_then_signal
 
 
@@ -374,17 +374,17 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
 
 
 def _nan_worker(rank, world, root, out):
-    """NaN logits at steps 3, 5 and 6 with train.max_bad_steps=2."""
+    """NaN final hidden states (so NaN logits) at steps 3, 5 and 6 with train.max_bad_steps=2."""
     from moe_lm.train.faults import TrainingDiverged
 
     trainer = trainer_for(overrides(root, "run", "train.save_interval=1", "train.max_bad_steps=2"))
-    trainer.model.lm_head.register_forward_hook(
+    trainer.model.norm.register_forward_hook(
         lambda module, inputs, output: output * float("nan") if trainer.step + 1 in (3, 5, 6) else output)
     snapshots = {}
     train_step = trainer._train_step
 
-    def step_and_snapshot():
-        metrics = train_step()
+    def step_and_snapshot(log=True):
+        metrics = train_step(log=log)
         snapshots[trainer.step] = {"params": [p.detach().clone() for p in trainer.model.parameters()],
                                    "lr_epoch": trainer.scheduler.last_epoch,
                                    "skipped": trainer.engine.skipped_steps}

@@ -68,8 +68,8 @@ def _train_worker(rank: int, world: int, runs: list[tuple[str, list[str]]], out_
         counts = []  # per step: the tracker's global assignment counts [layer][expert]
         train_step = trainer._train_step
 
-        def recorded_step(train_step=train_step, trainer=trainer, counts=counts):
-            metrics = train_step()
+        def recorded_step(log=True, train_step=train_step, trainer=trainer, counts=counts):
+            metrics = train_step(log=log)  # log_interval=1: every step reduces the routing counts
             counts.append([trainer.tracker.layer_counts(layer).tolist() for layer in range(NUM_LAYERS)])
             return metrics
 
