@@ -154,6 +154,12 @@ class TrainConfig:
     """Resume the weights and the progress (step, data position, LR schedule) but not the optimizer state, which is
     sharded by the parallel layout: needed to resume after changing parallel.ep_size, the world size, ZeRO stage or
     precision (the run stops otherwise); Adam moments restart from zero."""
+    trust_checkpoint: bool = False
+    """Allow loading checkpoint files that need pickle beyond plain tensors and containers. Unpickling runs
+    whatever code a file carries: set it only for checkpoints you or your team wrote."""
+    checkpoint_verify: str = "sha256"
+    """What a checkpoint's manifest vouches for and a resume checks: sha256 (content hashes, computed by each rank
+    over the files it wrote) or size (file sizes only: fast for very large checkpoints)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps whose loss or gradient is NaN/inf (each is skipped)."""
     activation_checkpointing: bool = False
@@ -245,6 +251,8 @@ def validate(cfg: Config) -> None:
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(bool(cfg.data.tokenizer) or cfg.data.vocab_size >= 257, "data.vocab_size",
              f"must be >= 257 for a byte-level BPE (the 256 byte tokens and <|endoftext|>), got {cfg.data.vocab_size}")
+    _require(t.checkpoint_verify in ("sha256", "size"), "train.checkpoint_verify",
+             f"must be sha256 or size, got {t.checkpoint_verify!r}")
     _require(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _require(cfg.data.decode_errors in ("replace", "skip", "error"), "data.decode_errors",
              f"must be replace, skip or error, got {cfg.data.decode_errors!r}")
