@@ -172,11 +172,11 @@ class MoEFeedForward(MoE):
         """SwiGLU gate matrices of this rank's experts, [E_local, F, D] (autograd intact)."""
         return torch.stack([expert.w1.weight for expert in self.local_experts])
 
-    def _local_expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(W1 [E, F, D], W3 [E, F, D], W2 [E, D, F]) of the local experts, stacked for one GEMM per projection.
-        The experts stay separate parameters: DeepSpeed's per-expert checkpoint files and keys depend on it."""
+    def _local_expert_weights(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The local experts' W1, W3 ([F, D]) and W2 ([D, F]) matrices. They stay separate parameters (DeepSpeed's
+        per-expert checkpoint files and keys depend on it); the grouped and batched kernels stack them."""
         experts = self.local_experts
-        return tuple(torch.stack([getattr(e, name).weight for e in experts]) for name in ("w1", "w3", "w2"))
+        return tuple([getattr(e, name).weight for e in experts] for name in ("w1", "w3", "w2"))
 
     def _capacity(self, num_tokens: int, slots: int) -> int:
         factor = self.moe_cfg.capacity_factor if self.training else self.moe_cfg.eval_capacity_factor

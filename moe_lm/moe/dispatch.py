@@ -63,7 +63,8 @@ def capacity_slots(expert_ids_TK: Tensor, weights_TK: Tensor, num_experts: int,
 
 
 def grouped_mm_supported(x: Tensor) -> bool:
-    """`torch._grouped_mm` runs on CPU, and on CUDA for bf16 on Hopper or newer (its CUTLASS kernel)."""
+    """`torch._grouped_mm` runs on CPU (measured faster than `looped` there, stacking included), and on CUDA for
+    bf16 on Hopper or newer (its CUTLASS kernel)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cpu":
@@ -71,26 +72,27 @@ def grouped_mm_supported(x: Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def _grouped_linear(x_ND: Tensor, w_EOI: Tensor, group_end_E: Tensor) -> Tensor:
-    return torch._grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=group_end_E)
+def _grouped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_ND, torch.stack(weights).transpose(-2, -1), offs=group_end_E)
 
 
-def _looped_linear(x_ND: Tensor, w_EOI: Tensor, group_end_E: Tensor) -> Tensor:
+def _looped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> Tensor:
     """The plain reference: one matmul per expert over its rows (reads the group sizes back to the host)."""
     ends = group_end_E.tolist()
     starts = [0] + ends[:-1]
-    out = [F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, w_EOI.unbind(0))]
-    out.append(x_ND.new_zeros(x_ND.shape[0] - ends[-1], w_EOI.shape[1]))  # rows of no group (unused slots)
+    out = [F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, weights)]
+    out.append(x_ND.new_zeros(x_ND.shape[0] - ends[-1], weights[0].shape[0]))  # rows of no group (unused slots)
     return torch.cat(out)
 
 
-def grouped_swiglu(x_ND: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor, group_end_E: Tensor,
+def grouped_swiglu(x_ND: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], group_end_E: Tensor,
                    impl: str = "auto") -> Tensor:
-    """SwiGLU of expert e, silu(x W1ᵀ) ⊙ (x W3ᵀ) W2ᵀ, applied to the rows of each group (expert-major rows).
+    """SwiGLU of expert e, silu(x W1ᵀ) ⊙ (x W3ᵀ) W2ᵀ, applied to the rows of each group (expert-major rows); w1,
+    w3 ([F, D] each) and w2 ([D, F]) list the experts' matrices in group order.
 
     impl: "grouped" (`torch._grouped_mm`: one kernel per projection for all experts, no host sync), "looped" (a
-    matmul per expert; the reference), or "auto" (grouped where `grouped_mm_supported`). Rows past the last group
-    come out as zeros.
+    matmul per expert, the reference; one host read of the group sizes), or "auto" (grouped where
+    `grouped_mm_supported`). Rows past the last group come out as zeros.
     """
     if impl == "auto":
         impl = "grouped" if grouped_mm_supported(x_ND) else "looped"
@@ -98,12 +100,13 @@ def grouped_swiglu(x_ND: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor,
     if impl == "grouped":  # _grouped_mm leaves rows past the last group (and their input gradients) uninitialised
         in_group_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < group_end_E[-1]).unsqueeze(-1)
         x_ND = torch.where(in_group_N1, x_ND, 0)
-    hidden_NF = F.silu(linear(x_ND, w1_EFD, group_end_E)) * linear(x_ND, w3_EFD, group_end_E)
-    out_ND = linear(hidden_NF, w2_EDF, group_end_E)
+    hidden_NF = F.silu(linear(x_ND, w1, group_end_E)) * linear(x_ND, w3, group_end_E)
+    out_ND = linear(hidden_NF, w2, group_end_E)
     return torch.where(in_group_N1, out_ND, 0) if impl == "grouped" else out_ND
 
 
-def batched_swiglu(x_ECD: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor) -> Tensor:
+def batched_swiglu(x_ECD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor]) -> Tensor:
     """The same SwiGLU over equal-size expert buffers [E, C, D] (capacity dispatch): three batched matmuls."""
+    w1_EFD, w3_EFD, w2_EDF = torch.stack(w1), torch.stack(w3), torch.stack(w2)
     hidden_ECF = F.silu(torch.bmm(x_ECD, w1_EFD.transpose(1, 2))) * torch.bmm(x_ECD, w3_EFD.transpose(1, 2))
     return torch.bmm(hidden_ECF, w2_EDF.transpose(1, 2))

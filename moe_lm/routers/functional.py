@@ -5,6 +5,7 @@ Shape suffixes: T tokens, E experts, K selected slots per token.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,10 +43,13 @@ def topk_routing(probs_TE: Tensor, k: int, renormalize: bool,
 
 
 def assignment_counts(expert_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """Number of (token, slot) assignments per expert, float [E]; ids of -1 (unused slots) are ignored."""
-    ids = expert_ids_TK.reshape(-1)
-    ids = ids[ids >= 0]
-    return torch.bincount(ids, minlength=num_experts).to(torch.float32)
+    """Number of (token, slot) assignments per expert, float [E]; ids of -1 (unused slots) are ignored.
+
+    A scatter-add into E + 1 bins (bin 0 takes the -1s): no boolean-mask indexing or `bincount`, which both
+    read a size back to the host and so stall a GPU stream."""
+    ids = expert_ids_TK.reshape(-1).long() + 1
+    counts = torch.zeros(num_experts + 1, dtype=torch.float32, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float32))[1:]
 
 
 def switch_load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tensor:
@@ -58,7 +62,7 @@ def switch_load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tenso
     num_experts = probs_TE.shape[-1]
     counts_E = all_reduce_sum(assignment_counts(expert_ids_TK, num_experts))
     probs_sum_E = all_reduce_sum(probs_TE.sum(0))
-    num_tokens = all_reduce_sum(torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device))
+    num_tokens = all_reduce_sum(probs_TE.new_full((), float(probs_TE.shape[0])))
     f_E = counts_E / counts_E.sum().clamp_min(1.0)
     return num_experts * (f_E * probs_sum_E / num_tokens).sum()
 
@@ -83,67 +87,114 @@ _KUMMER_CHUNK = 1 << 22
 """Series terms × arguments evaluated at once (float64: 32 MB), so a [T, E] argument never needs an [N, T, E] buffer."""
 
 
+def kummer_series_terms(z_max: float) -> int:
+    """N = ⌊z_max + 10·sqrt(z_max)⌋ + 60, the series length that gives log M(a, b, z) to float64 precision for every
+    0 <= z <= z_max (b >= a > 0, as in the Bingham case a = p/2 < b = m/2).
+
+    The ratio of consecutive terms is (a+n)·z / ((b+n)(n+1)) <= z/(n+1), so past their peak near n ≈ z the terms
+    fall at least as fast as a Poisson(z) tail, and the terms left out sum to less than e^-50 of M. The length
+    comes from a bound known on the host, never from the data: reading max z back would stall a GPU stream.
+    """
+    if not 0 <= z_max < math.inf:
+        raise ValueError(f"z_max must be finite and >= 0, got {z_max}")
+    return int(z_max + 10 * math.sqrt(z_max)) + 60
+
+
+@functools.lru_cache(maxsize=64)
+def _kummer_coefficients(a: float, b: float, num_terms: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(n [N], log c_n [N], w [2, N]), float64 on `device`, for the terms c_n z^n of M(a, b, z), c_n = (a)_n/((b)_n n!).
+
+    Row 0 of w is 1 and row 1 is (a+n)/(b+n) = (n+1)·c_{n+1}/c_n, so that w @ (c_n z^n) = (M, M'), M' = dM/dz =
+    (a/b)·M(a+1, b+1, z) = Σ_n (n+1)c_{n+1} z^n. Cached: every forward of a router asks for the same (a, b, N).
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        n_N = torch.arange(num_terms, dtype=torch.float64, device=device)
+        lgamma_a_N, lgamma_b_N = torch.lgamma(n_N + a), torch.lgamma(n_N + b)  # log Γ(a+n): (a)_n = Γ(a+n)/Γ(a)
+        log_c_N = (lgamma_a_N - lgamma_a_N[0]) - (lgamma_b_N - lgamma_b_N[0]) - torch.lgamma(n_N + 1)
+        return n_N, log_c_N, torch.stack([torch.ones_like(n_N), (n_N + a) / (n_N + b)])
+
+
 @torch.no_grad()
-def _log_kummer_series(a: float, b: float, z: Tensor, n_terms: int | None) -> Tensor:
-    """log Σ_n c_n z^n in float64, c_n = (a)_n / ((b)_n n!), as a log-sum-exp over the N terms (all terms > 0)."""
+def _log_kummer_series(a: float, b: float, z: Tensor, num_terms: int) -> tuple[Tensor, Tensor]:
+    """(log M, M'/M) of the first N terms, for float64 z >= 0 of any shape.
+
+    Per chunk of arguments: the log-terms log(c_n z^n) = log c_n + n·log z as one outer product, shifted by their
+    max over n (all terms are > 0, so nothing cancels), exponentiated in place, and summed twice by one product
+    with w: log M = shift + log Σ, and M'/M = Σ_n (a+n)/(b+n) · (c_n z^n / M), a weighted mean of the terms.
+    z = 0 is taken as the smallest normal float64 (log z finite), which moves M by less than 1e-307.
+    """
+    n_N, log_c_N, weights_2N = _kummer_coefficients(a, b, num_terms, z.device)
     z_flat = z.reshape(-1)
-    out = torch.empty_like(z_flat)
-    if z_flat.numel() == 0:
-        return out.view_as(z)
-    z_min, z_max = (v.item() for v in torch.aminmax(z_flat))
-    if z_min < 0:
-        raise ValueError(f"log_kummer needs z >= 0 (the series is alternating below 0), got min {z_min}")
-    # the terms peak near n ≈ z and then fall like a Poisson(z) tail: z + 10·sqrt(z) + 60 terms leave < e^-50
-    num_terms = n_terms or int(z_max + 10 * z_max ** 0.5 + 60)
-    n_N = torch.arange(num_terms, dtype=torch.float64, device=z.device)
-    a_, b_ = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    log_c_N = (torch.lgamma(a_ + n_N) - torch.lgamma(a_) - torch.lgamma(b_ + n_N) + torch.lgamma(b_)
-               - torch.lgamma(n_N + 1))
+    log_m, ratio = torch.empty_like(z_flat), torch.empty_like(z_flat)
     chunk = max(1, _KUMMER_CHUNK // num_terms)
     for start in range(0, z_flat.numel(), chunk):
-        z_c = z_flat[start:start + chunk]
-        terms_NC = log_c_N[:, None] + torch.xlogy(n_N[:, None], z_c[None, :])  # xlogy: the n=0 term is 0 at z=0
-        out[start:start + chunk] = torch.logsumexp(terms_NC, dim=0)
-    return out.view_as(z)
+        part = slice(start, start + chunk)
+        log_z_C = z_flat[part].clamp_min(torch.finfo(torch.float64).tiny).log()
+        terms_NC = torch.addr(log_c_N[:, None], n_N, log_z_C)  # log(c_n z^n)
+        shift_C = terms_NC.amax(0)
+        sums_2C = weights_2N @ terms_NC.sub_(shift_C).exp_()  # (M, M') · e^-shift
+        log_m[part] = shift_C + sums_2C[0].log()
+        ratio[part] = sums_2C[1] / sums_2C[0]
+    return log_m.view_as(z), ratio.view_as(z)
 
 
 class _LogKummer(torch.autograd.Function):
     """log ₁F₁(a; b; z) with the exact derivative d/dz log M(a,b,z) = (a/b) · M(a+1,b+1,z) / M(a,b,z).
 
     A custom Function rather than autograd through the series: backward keeps no [N, ...] graph (the option-B
-    normaliser is evaluated per token and expert), and the derivative stays exact at z = 0, where the series'
-    log z is -inf. Backward is itself differentiable (double backward) when a graph is being built.
+    normaliser is evaluated per token and expert), and the derivative stays exact at z = 0. Forward gets the
+    derivative from the same terms, so backward evaluates no second series; under create_graph, backward
+    recomputes it as a differentiable function of z instead (double backward).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, a: float, b: float, n_terms: int | None) -> Tensor:
-        out = _log_kummer_series(a, b, z, n_terms)
-        ctx.save_for_backward(z, out)
-        ctx.a, ctx.b, ctx.n_terms = a, b, n_terms
-        return out
+    def forward(ctx, z: Tensor, a: float, b: float, num_terms: int) -> Tensor:
+        log_m, ratio = _log_kummer_series(a, b, z, num_terms)
+        ctx.save_for_backward(z, ratio)
+        ctx.a, ctx.b, ctx.num_terms = a, b, num_terms
+        return log_m
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        z, out = ctx.saved_tensors
-        a, b, n_terms = ctx.a, ctx.b, ctx.n_terms
-        upper = _LogKummer.apply(z, a + 1, b + 1, n_terms)
+        z, ratio = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: make the ratio a function of z for the second derivative
-            out = _LogKummer.apply(z, a, b, n_terms)
-        return grad_out * (a / b) * torch.exp(upper - out), None, None, None
+            a, b, num_terms = ctx.a, ctx.b, ctx.num_terms
+            ratio = (a / b) * torch.exp(_LogKummer.apply(z, a + 1, b + 1, num_terms)
+                                        - _LogKummer.apply(z, a, b, num_terms))
+        return grad_out * ratio, None, None, None
 
 
-def log_kummer(a: float, b: float, z: Tensor, n_terms: int | None = None) -> Tensor:
-    """log ₁F₁(a; b; z) = log M(a, b, z) = log Σ_n (a)_n / (b)_n · z^n / n!, for z >= 0 of any shape. [DERIVED, §1.10]
+def log_kummer(a: float, b: float, z: Tensor, z_max: float) -> Tensor:
+    """log ₁F₁(a; b; z) = log M(a, b, z) = log Σ_n (a)_n / (b)_n · z^n / n! for 0 <= z <= z_max. [DERIVED, §1.10]
 
     GrMoE's Bingham normaliser: for A_e = κ U_eU_eᵀ with U_e ∈ St(m, p) and a token x̂ uniform on S^{m-1},
     B = ||U_eᵀx̂||² ~ Beta(p/2, (m-p)/2) and E[exp(κB)] = M(p/2, m/2, κ) (routers.md §1.4), so call it with
     a = p/2, b = m/2, z = κ. Bounds (Jensen, B <= 1): κ·p/m <= log M(p/2, m/2, κ) <= κ.
 
-    Computed exactly (no asymptotics) as a float64 log-sum-exp of z + 10·sqrt(z) + 60 series terms (or
-    `n_terms`), returned in z's dtype. Differentiable: d/dz log M = (a/b) M(a+1, b+1, z) / M(a, b, z), which for
-    the Bingham case is E[B] under the κ-tilted Beta (the expected affinity under expert e's own model).
+    Computed exactly (no asymptotics) as a float64 log-sum-exp of `kummer_series_terms(z_max)` series terms,
+    returned in z's dtype. The length follows from the bound z_max, not from the data, so nothing is read back
+    to the host. z is clamped into [0, z_max]: callers keep it there (below 0 the series alternates, above z_max
+    it would need more terms), and a clamp guarantees it without a check that would sync. Differentiable:
+    d/dz log M = (a/b) M(a+1, b+1, z) / M(a, b, z), which for the Bingham case is E[B] under the κ-tilted Beta
+    (the expected affinity under expert e's own model); 0 where the clamp is active.
     """
-    return _LogKummer.apply(z.double(), float(a), float(b), n_terms).to(z.dtype)
+    z64 = z.double().clamp(0.0, z_max)
+    return _LogKummer.apply(z64, float(a), float(b), kummer_series_terms(z_max)).to(z.dtype)
+
+
+def orthonormal_frames(basis_EMP: Tensor) -> Tensor:
+    """U [E, m, p] fp32: the orthonormal factor of each thin QR W_e = U_eR_e (diag R_e > 0), by Cholesky QR:
+    R_e is the Cholesky factor of the p×p Gram matrix W_eᵀW_e, and U_e = W_eR_e⁻¹ a triangular solve. [OURS]
+
+    The same U_e as Householder QR (`torch.linalg.qr`, up to column signs, which U_eU_eᵀ ignores) from one batched
+    Cholesky and one batched triangular solve, where torch's GPU Householder QR forms Q with one cuSOLVER call per
+    matrix. Computed in float64, U_e is orthonormal to about cond(W_e)²·1e-16: to fp32 precision while
+    cond(W_e) < 1e4 (W starts orthonormal, cond 1). `cholesky_ex` is not asked to check for failure, since the
+    check reads a flag back to the host: a rank-deficient W_e gives NaN frames, hence a non-finite loss.
+    """
+    basis_EMP = basis_EMP.double()
+    lower_EPP, _ = torch.linalg.cholesky_ex(basis_EMP.mT @ basis_EMP)  # W_eᵀW_e = R_eᵀR_e with R_e = L_eᵀ
+    return torch.linalg.solve_triangular(lower_EPP.mT, basis_EMP, upper=True, left=False).float()  # W_e R_e⁻¹
 
 
 def subspace_affinity(x_hat_TM: Tensor, frames_EMP: Tensor) -> Tensor:
@@ -155,15 +206,17 @@ def subspace_affinity(x_hat_TM: Tensor, frames_EMP: Tensor) -> Tensor:
     return torch.einsum("tm,emp->tep", x_hat_TM, frames_EMP).square().sum(-1)
 
 
-def bingham_log_likelihood(affinity_TE: Tensor, kappa: Tensor, subspace_dim: int, routing_dim: int) -> Tensor:
+def bingham_log_likelihood(affinity_TE: Tensor, kappa: Tensor, subspace_dim: int, routing_dim: int,
+                           kappa_cap: float) -> Tensor:
     """s[t, e] = κ_e·B[t, e] − log M(p/2, m/2, κ_e): log-density of x̂_t under expert e's Bingham (Watson-type)
     distribution exp(x̂ᵀ κ_e U_eU_eᵀ x̂) / M, relative to the uniform measure on the sphere. [DERIVED, §1.5]
 
-    `kappa` is [E] (one concentration per expert) or [T, E] (per-token concentrations, VI option B).
+    `kappa` is [E] (one concentration per expert) or [T, E] (per-token concentrations, VI option B), within
+    [0, kappa_cap], the bound that sizes the normaliser's series (`log_kummer`).
     The normaliser is what stops κ_e from being a free logit bias: ∂s/∂κ_e = B − E_κ[B], so raising κ_e helps
     expert e only on tokens whose affinity beats what its own distribution expects.
     """
-    return kappa * affinity_TE - log_kummer(subspace_dim / 2, routing_dim / 2, kappa)
+    return kappa * affinity_TE - log_kummer(subspace_dim / 2, routing_dim / 2, kappa, kappa_cap)
 
 
 def subspace_overlap(frames_EMP: Tensor) -> Tensor:
@@ -230,7 +283,8 @@ def marginal_kl_to_uniform(probs_TE: Tensor) -> Tensor:
     """
     num_experts = probs_TE.shape[-1]
     probs_sum_E = all_reduce_sum(probs_TE.sum(0))
-    num_tokens = all_reduce_sum(torch.tensor(float(probs_TE.shape[0]), device=probs_TE.device))
+    # a fill, not torch.tensor(..., device=): that copies from the host and waits for the GPU stream
+    num_tokens = all_reduce_sum(probs_TE.new_full((), float(probs_TE.shape[0])))
     marginal_E = probs_sum_E / num_tokens.clamp_min(1.0)
     return math.log(num_experts) - entropy(marginal_E)
 

@@ -11,8 +11,8 @@ K dispatch slots per token (top_k in training; max_experts under threshold dispa
 
 Routing, per token h [DERIVED]:
     x̂     = normalize(P h)                                   a line through 0: a point of Gr(1, m)
-    U_e   = qr(W_e).Q ∈ St(m, p)                             expert e's mean subspace (only U_eU_eᵀ matters)
-    κ_e   = softplus(ρ_e)                                    expert e's concentration (Λ = diag κ)
+    U_e   = W_eR_e⁻¹ ∈ St(m, p), thin QR W_e = U_eR_e        expert e's mean subspace (only U_eU_eᵀ matters)
+    κ_e   = min(softplus(ρ_e), κ_cap)                        expert e's concentration (Λ = diag κ)
     s_e   = κ_e ||U_eᵀ x̂||² − log ₁F₁(p/2; m/2; κ_e)         Bingham log-likelihood of x̂ under expert e
     g^(α) = softmax(α · s)                                   posterior responsibility of a Bingham mixture
 """
@@ -30,16 +30,14 @@ from torch import Tensor, nn
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Router, RouterOutput
 from moe_lm.routers.functional import (bingham_log_likelihood, diag_gaussian_kl, entropy, gumbel_topk_routing,
-                                       marginal_kl_to_uniform, mass_threshold_routing, subspace_affinity,
-                                       subspace_overlap, switch_load_balancing_loss, topk_mass_min_gap, topk_routing)
+                                       marginal_kl_to_uniform, mass_threshold_routing, orthonormal_frames,
+                                       subspace_affinity, subspace_overlap, switch_load_balancing_loss,
+                                       topk_mass_min_gap, topk_routing)
 
 DISPATCH_MODES = ("topk", "sample")
 VARIATIONAL_MODES = ("none", "logit", "concentration")
 KAPPA_INIT_EPS = 0.05
 """Auto κ₀ is the C1 gap at which a token inside one subspace can put 1 − ε = 95% of its mass on its top-k."""
-KAPPA_CAP = 1000.0
-"""Upper clamp of per-token concentrations κ_e·exp(δ) (VI option B): far past one-hot routing (C1 needs Δ ≈ 5),
-and it bounds the length of the Kummer series, which grows like κ."""
 SIGMA_FLOOR = 1e-4
 """Smallest VI standard deviation, so log σ in the KL stays finite."""
 
@@ -54,6 +52,12 @@ class GrMoEConfig(RouterConfig):
     kappa_init: float = 0.0
     """κ₀, initial concentration of every expert. 0 = auto from C1: log[(E−k)(1−ε)/(kε)] / α with ε = 0.05
     (4.0 for E=8, 4.9 for E=16, 5.7 for E=32, at k=2)."""
+    kappa_cap: float = 200.0
+    """κ_cap, the largest concentration: κ_e, and option B's per-token κ_e·exp(δ), are clamped to it. It fixes the
+    Kummer series at κ_cap + 10·sqrt(κ_cap) + 60 terms (401 for 200), so the length is never read from the data
+    (a GPU sync per layer and forward). 200 is far past one-hot routing at α = 1 (C1 needs a gap of about 5);
+    option B evaluates the series per token and expert, so its cost grows linearly with κ_cap. A κ_e at the cap
+    gets no gradient and stays there: raise κ_cap if the `kappa_max` stat reaches it."""
     alpha: float = 1.0
     """α, the sharpness of g^(α) = softmax(α·s) in training; `GrMoERouter.set_alpha` changes it after training."""
     dispatch: str = "topk"
@@ -112,6 +116,7 @@ class GrMoEConfig(RouterConfig):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("alpha", "prior_sigma", "prior_scale"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
+        require(0 < self.kappa_cap < math.inf, "kappa_cap", f"must be finite and > 0, got {self.kappa_cap}")
         require(self.vi_hidden_dim >= 1, "vi_hidden_dim", f"must be >= 1, got {self.vi_hidden_dim}")
         require(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
         require(self.variational in VARIATIONAL_MODES, "variational",
@@ -119,6 +124,9 @@ class GrMoEConfig(RouterConfig):
         require(0 <= self.eval_threshold <= 1, "eval_threshold", f"must be in [0, 1], got {self.eval_threshold}")
         require(self.max_experts <= moe.num_experts, "max_experts",
                 f"{self.max_experts} > model.moe.num_experts={moe.num_experts}")
+        kappa_init = self.resolved_kappa_init(moe.num_experts, moe.top_k)
+        require(kappa_init < self.kappa_cap, "kappa_cap",
+                f"{self.kappa_cap} must be above the initial concentration κ₀={kappa_init:.4g} (kappa_init, alpha)")
         p, m = self.resolved_subspace_dim(moe.num_experts), self.resolved_routing_dim(moe.num_experts)
         require(p < m, "subspace_dim", f"p={p} must be < routing_dim m={m}: a subspace filling the routing space "
                                        f"gives every token the same affinity")
@@ -140,17 +148,19 @@ def orthogonal_tiling(routing_dim: int, num_experts: int, subspace_dim: int) -> 
     """
     blocks = math.ceil(num_experts * subspace_dim / routing_dim)
     columns = torch.cat([torch.linalg.qr(torch.randn(routing_dim, routing_dim)).Q for _ in range(blocks)], dim=1)
-    return columns[:, :num_experts * subspace_dim].reshape(routing_dim, num_experts, subspace_dim).transpose(0, 1)
+    frames_MEP = columns[:, :num_experts * subspace_dim].reshape(routing_dim, num_experts, subspace_dim)
+    # contiguous: it becomes a parameter, and NCCL's broadcast in deepspeed.initialize rejects strided tensors
+    return frames_MEP.permute(1, 0, 2).contiguous()
 
 
 class GrMoERouter(Router):
     """GrMoE router: Bingham-mixture responsibilities of a token line over E expert subspaces. [DERIVED]
 
     1. project: x̂ = normalize(P h) ∈ Gr(1, m) (P: `proj`, d → m);
-    2. frames: U_e = qr(W_e).Q ∈ St(m, p) (W: `frame_basis_EMP`, unconstrained; QR keeps U_e orthonormal exactly
-       whatever the optimizer does, no retraction needed), initialised by orthogonal tiling;
-    3. score: s_e = κ_e·||U_eᵀx̂||² − log ₁F₁(p/2; m/2; κ_e), κ_e = softplus(ρ_e) (`rho_E`); with VI option B the
-       concentration is per token, κ̃_te = κ_e·exp(δ_te);
+    2. frames: U_e = W_eR_e⁻¹ ∈ St(m, p), the Q factor of W_e's thin QR (W: `frame_basis_EMP`, unconstrained; the
+       QR keeps U_e orthonormal whatever the optimizer does, no retraction needed), initialised by orthogonal tiling;
+    3. score: s_e = κ_e·||U_eᵀx̂||² − log ₁F₁(p/2; m/2; κ_e), κ_e = min(softplus(ρ_e), κ_cap) (`rho_E`); with VI
+       option B the concentration is per token, κ̃_te = min(κ_e·exp(δ_te), κ_cap);
     4. gate: g^(α) = softmax(α·s) (option A adds σ_φ(h)·ε to the logits in training);
     5. dispatch: training top-k or Gumbel-top-k; evaluation top-k, or the mass threshold τ capped at k_max;
     6. losses (unscaled, training only): balance KL(ḡ||U), separation, VI KL, optional Switch LBL.
@@ -163,6 +173,7 @@ class GrMoERouter(Router):
         self.alpha = cfg.alpha
         self.eval_threshold = cfg.eval_threshold
         self.max_experts = cfg.resolved_max_experts(top_k)
+        self.kappa_cap = float(cfg.kappa_cap)
         self.proj = nn.Linear(d_model, self.routing_dim, bias=False)
         nn.init.orthogonal_(self.proj.weight)  # x̂ is scale-free; orthogonal rows keep all token directions
         self.frame_basis_EMP = nn.Parameter(orthogonal_tiling(self.routing_dim, num_experts, self.subspace_dim))
@@ -201,12 +212,12 @@ class GrMoERouter(Router):
     # ---- the math ------------------------------------------------------------------------------------------------
 
     def frames(self) -> Tensor:
-        """U [E, m, p], orthonormal columns per expert (reduced QR; the column signs are irrelevant)."""
-        return torch.linalg.qr(self.frame_basis_EMP.float()).Q
+        """U [E, m, p], orthonormal columns per expert (thin QR by Cholesky; the column signs are irrelevant)."""
+        return orthonormal_frames(self.frame_basis_EMP)
 
     def concentrations(self) -> Tensor:
-        """κ [E] = softplus(ρ)."""
-        return F.softplus(self.rho_E.float())
+        """κ [E] = min(softplus(ρ), κ_cap)."""
+        return F.softplus(self.rho_E.float()).clamp(max=self.kappa_cap)
 
     @property
     def loss_coefs(self) -> dict[str, float]:
@@ -227,17 +238,19 @@ class GrMoERouter(Router):
         if cfg.variational == "concentration":
             mu_TE, vi_sigma_TE = self._vi_net_outputs(x_TD)
             delta_TE = mu_TE + vi_sigma_TE * torch.randn_like(mu_TE) if sample else mu_TE
-            kappa_TE = (kappa_E * delta_TE.exp()).clamp(max=KAPPA_CAP)
-            scores_TE = bingham_log_likelihood(affinity_TE, kappa_TE, self.subspace_dim, self.routing_dim)
+            kappa_TE = (kappa_E * delta_TE.exp()).clamp(max=self.kappa_cap)
+            scores_TE = bingham_log_likelihood(affinity_TE, kappa_TE, self.subspace_dim, self.routing_dim,
+                                               self.kappa_cap)
             kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_scale)
         else:
-            scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim)
+            scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim,
+                                               self.kappa_cap)
         logits_TE = self.alpha * scores_TE
         if cfg.variational == "logit":
-            _, vi_sigma_TE = self._vi_net_outputs(x_TD)
+            mu_TE, vi_sigma_TE = self._vi_net_outputs(x_TD)  # μ = 0: q and the prior share the mean α·s
             if sample:
                 logits_TE = logits_TE + vi_sigma_TE * torch.randn_like(logits_TE)
-            kl_T = diag_gaussian_kl(torch.zeros_like(vi_sigma_TE), vi_sigma_TE, cfg.prior_sigma)
+            kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_sigma)
         probs_TE = logits_TE.softmax(dim=-1)
 
         if self.training:
@@ -251,15 +264,16 @@ class GrMoERouter(Router):
         else:
             weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
 
+        overlap = subspace_overlap(frames_EMP)  # the separation loss (divided by p) and the separation stat
         losses: dict[str, Tensor] = {}
         if self.training and torch.is_grad_enabled():
             losses["balance"] = marginal_kl_to_uniform(probs_TE)
-            losses["separation"] = subspace_overlap(frames_EMP) / self.subspace_dim
+            losses["separation"] = overlap / self.subspace_dim
             if kl_T is not None:
                 losses["kl"] = kl_T.mean()
             if cfg.load_balance_coef > 0:
                 losses["load_balance"] = switch_load_balancing_loss(probs_TE, expert_ids_TK)
-        stats = self._stats(probs_TE, expert_ids_TK, kappa_E, frames_EMP, vi_sigma_TE)
+        stats = self._stats(probs_TE, expert_ids_TK, kappa_E, overlap, vi_sigma_TE)
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
 
     def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,8 +285,9 @@ class GrMoERouter(Router):
         return mu_TE, sigma_TE
 
     @torch.no_grad()
-    def _stats(self, probs_TE: Tensor, expert_ids_TK: Tensor, kappa_E: Tensor, frames_EMP: Tensor,
+    def _stats(self, probs_TE: Tensor, expert_ids_TK: Tensor, kappa_E: Tensor, overlap: Tensor,
                vi_sigma_TE: Tensor | None) -> dict[str, Tensor]:
+        """Per-forward scalars, left on the device (no host read): the metrics accumulator reduces them later."""
         token_entropy = entropy(probs_TE).mean()
         stats = {
             "kappa_mean": kappa_E.mean(), "kappa_min": kappa_E.min(), "kappa_max": kappa_E.max(),
@@ -280,7 +295,7 @@ class GrMoERouter(Router):
             "effective_experts": token_entropy.exp(),
             "topk_mass": probs_TE.topk(self.top_k, dim=-1).values.sum(-1).mean(),
             "active_experts": (expert_ids_TK >= 0).sum(-1).float().mean(),
-            "separation": subspace_overlap(frames_EMP),
+            "separation": overlap,
         }
         if vi_sigma_TE is not None:
             stats["vi_sigma_mean"] = vi_sigma_TE.mean()

@@ -78,7 +78,7 @@ def test_grouped_and_looped_expert_compute_give_equal_outputs_and_gradients():
     results = []
     for impl in ("grouped", "looped"):
         leaves = [t.clone().requires_grad_() for t in [x, *weights]]
-        y = grouped_swiglu(*leaves, order.group_end_E, impl=impl)
+        y = grouped_swiglu(leaves[0], *(list(w.unbind(0)) for w in leaves[1:]), order.group_end_E, impl=impl)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y.detach()] + [leaf.grad for leaf in leaves])
     for grouped, looped in zip(*results):

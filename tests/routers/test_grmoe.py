@@ -16,6 +16,8 @@ import pytest
 import scipy.special
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_lm.config import load_config
 from moe_lm.config.schema import ConfigError, MoEConfig
@@ -23,8 +25,9 @@ from moe_lm.model.transformer import MoETransformer  # noqa: F401  (import order
 from moe_lm.moe import MoEFeedForward
 from moe_lm.routers import REGISTRY, build_router
 from moe_lm.routers.functional import (bingham_log_likelihood, entropy, entropy_lower_bound, gumbel_topk_routing,
-                                       log_kummer, mass_threshold_routing, min_expert_probability, subspace_affinity,
-                                       topk_mass_bounds, topk_mass_min_gap)
+                                       kummer_series_terms, log_kummer, mass_threshold_routing,
+                                       min_expert_probability, orthonormal_frames, subspace_affinity, topk_mass_bounds,
+                                       topk_mass_min_gap)
 from moe_lm.routers.grmoe import GrMoEConfig, GrMoERouter
 
 D, E, K, T = 16, 4, 2, 64
@@ -61,40 +64,50 @@ def tokens(seed: int = 1, num_tokens: int = T) -> torch.Tensor:
 
 @pytest.mark.parametrize("p,m", BINGHAM_SHAPES)
 def test_log_kummer_matches_scipy_hyp1f1_and_mpmath_past_overflow(p, m):
-    kappa = torch.linspace(0, 200, 81, dtype=torch.float64)
+    kappa_cap = GrMoEConfig().kappa_cap  # the router's default bound, up to and including the bound itself
+    kappa = torch.linspace(0, kappa_cap, 81, dtype=torch.float64)
     expected = np.log(scipy.special.hyp1f1(p / 2, m / 2, kappa.numpy()))
-    np.testing.assert_allclose(log_kummer(p / 2, m / 2, kappa).numpy(), expected, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(log_kummer(p / 2, m / 2, kappa, kappa_cap).numpy(), expected, rtol=1e-9, atol=1e-10)
     # hyp1f1 overflows float64 near κ ≈ 710: compare with arbitrary-precision mpmath there
     large = torch.tensor([500.0, 1000.0, 2000.0], dtype=torch.float64)
     reference = [float(mpmath.log(mpmath.hyp1f1(p / 2, m / 2, float(z)))) for z in large]
-    np.testing.assert_allclose(log_kummer(p / 2, m / 2, large).numpy(), reference, rtol=1e-12)
+    np.testing.assert_allclose(log_kummer(p / 2, m / 2, large, 2000.0).numpy(), reference, rtol=1e-12)
 
 
 @pytest.mark.parametrize("p,m", BINGHAM_SHAPES)
 def test_log_kummer_lies_within_jensen_bounds(p, m):
     kappa = torch.cat([torch.linspace(0, 200, 201, dtype=torch.float64), torch.rand(50, dtype=torch.float64) * 1e3])
-    log_norm = log_kummer(p / 2, m / 2, kappa)
+    log_norm = log_kummer(p / 2, m / 2, kappa, 1000.0)
     assert torch.all(kappa * p / m <= log_norm + 1e-12) and torch.all(log_norm <= kappa + 1e-12)
 
 
 def test_log_kummer_keeps_the_input_dtype_and_shape():
     kappa_TE = torch.rand(3, 5) * 20
-    out = log_kummer(2.0, 16.0, kappa_TE)
+    out = log_kummer(2.0, 16.0, kappa_TE, 20.0)
     assert out.dtype == torch.float32 and out.shape == (3, 5)
-    torch.testing.assert_close(out.double(), log_kummer(2.0, 16.0, kappa_TE.double()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.double(), log_kummer(2.0, 16.0, kappa_TE.double(), 20.0), rtol=1e-6, atol=1e-6)
 
 
-def test_log_kummer_rejects_negative_arguments():
-    with pytest.raises(ValueError, match="z >= 0"):
-        log_kummer(1.0, 2.0, torch.tensor([-1.0]))
+def test_log_kummer_series_length_comes_from_the_bound_and_arguments_are_clamped_into_it():
+    # z + 10·sqrt(z) + 60 terms at z = z_max, whatever the data (no host read of max z)
+    assert [kummer_series_terms(z) for z in (0.0, 100.0, 200.0, 1000.0)] == [60, 260, 401, 1376]
+    with pytest.raises(ValueError, match="z_max"):
+        kummer_series_terms(-1.0)
+    # outside [0, z_max] the argument is clamped (no check that would sync), with a zero derivative there
+    z = torch.tensor([-1.0, 0.0, 5.0, 10.0, 12.0], dtype=torch.float64, requires_grad=True)
+    out = log_kummer(1.0, 4.0, z, 10.0)
+    torch.testing.assert_close(out[[0, 4]], out[[1, 3]].detach())
+    assert out[0].item() == 0.0  # log M(a, b, 0) = 0
+    (grad,) = torch.autograd.grad(out.sum(), z)
+    assert grad[0] == 0 and grad[4] == 0 and torch.all(grad[1:4] > 0)
 
 
 @pytest.mark.parametrize("p,m", [(8, 64), (2, 64), (2, 8)])
 def test_log_kummer_gradient_matches_finite_differences_and_the_tilted_mean_affinity(p, m):
     kappa = torch.tensor([0.1, 1.0, 7.0, 40.0, 150.0], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z: log_kummer(p / 2, m / 2, z), (kappa,))
-    assert torch.autograd.gradgradcheck(lambda z: log_kummer(p / 2, m / 2, z), (kappa,))
-    (grad,) = torch.autograd.grad(log_kummer(p / 2, m / 2, kappa).sum(), kappa)
+    assert torch.autograd.gradcheck(lambda z: log_kummer(p / 2, m / 2, z, 200.0), (kappa,))
+    assert torch.autograd.gradgradcheck(lambda z: log_kummer(p / 2, m / 2, z, 200.0), (kappa,))
+    (grad,) = torch.autograd.grad(log_kummer(p / 2, m / 2, kappa, 200.0).sum(), kappa)
     # d/dκ log E[e^{κB}] = E_κ[B] under the κ-tilted Beta(p/2, (m-p)/2), by quadrature (a second, independent route)
     a, b = mpmath.mpf(p) / 2, mpmath.mpf(m - p) / 2
     nodes = mpmath.linspace(0, 1, 21)  # for large κ the tilted density is a narrow peak near 1 - (b-1)/κ
@@ -107,8 +120,35 @@ def test_log_kummer_gradient_matches_finite_differences_and_the_tilted_mean_affi
         assert g == pytest.approx(float(tilted_mean), rel=1e-9)
     # and at κ = 0 the derivative is E[B] = p/m under the uniform distribution (exact, not clamped away)
     zero = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    (grad0,) = torch.autograd.grad(log_kummer(p / 2, m / 2, zero).sum(), zero)
+    (grad0,) = torch.autograd.grad(log_kummer(p / 2, m / 2, zero, 200.0).sum(), zero)
     assert grad0.item() == pytest.approx(p / m, rel=1e-12)
+
+
+def test_float64_work_is_per_expert_unless_concentrations_are_per_token():
+    """The Kummer series and the frames' QR run in float64 on [E] and [E, m, p]; only option B's normaliser, whose
+    κ is per token, may run per token in float64."""
+    num_tokens = 97  # no other dimension of the router has this size
+
+    class Float64Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
+                    self.shapes.append(tuple(tensor.shape))
+            return out
+
+    for variational, per_token in [("none", False), ("logit", False), ("concentration", True)]:
+        router = make_router(variational=variational, dispatch="sample")
+        x_TD = tokens(num_tokens=num_tokens)
+        with Float64Shapes() as mode:
+            out = router(x_TD)
+            (out.weights_TK.sum() + sum(out.aux_losses.values())).backward()
+        assert mode.shapes, "the Kummer series runs in float64"
+        assert any(num_tokens in shape for shape in mode.shapes) == per_token, (variational, mode.shapes)
 
 
 # ---- geometry ------------------------------------------------------------------------------------------------------
@@ -121,6 +161,18 @@ def test_affinities_sum_to_one_under_orthogonal_tiling_at_init():
     torch.testing.assert_close(subspace_affinity(x_hat_TM, frames_EMP).sum(-1), torch.ones(T))
     gram_EPEP = torch.einsum("amp,bmq->apbq", frames_EMP, frames_EMP).reshape(E * router.subspace_dim, -1)
     torch.testing.assert_close(gram_EPEP, torch.eye(E * router.subspace_dim), atol=1e-5, rtol=0)
+
+
+def test_cholesky_qr_frames_span_the_householder_qr_subspaces():
+    basis_EMP = torch.randn(E, 32, 4, generator=torch.Generator().manual_seed(2)) * torch.tensor([1.0, 3.0, 0.3, 2.0])
+    frames_EMP = orthonormal_frames(basis_EMP)
+    householder_EMP = torch.linalg.qr(basis_EMP.double()).Q
+    assert frames_EMP.dtype == torch.float32 and frames_EMP.shape == basis_EMP.shape
+    torch.testing.assert_close(frames_EMP.transpose(1, 2) @ frames_EMP, torch.eye(4).expand(E, -1, -1),
+                               atol=1e-6, rtol=0)
+    # the same subspaces (projectors); only the column signs may differ from Householder QR
+    torch.testing.assert_close((frames_EMP @ frames_EMP.transpose(1, 2)).double(),
+                               householder_EMP @ householder_EMP.transpose(1, 2), atol=1e-6, rtol=0)
 
 
 def synthetic_routing_task(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +210,24 @@ def test_frames_stay_orthonormal_after_adamw_steps_on_a_real_loss():
     frames_EMP = router.frames().detach()
     eye_EPP = torch.eye(router.subspace_dim).expand(E, -1, -1)
     torch.testing.assert_close(frames_EMP.transpose(1, 2) @ frames_EMP, eye_EPP, atol=1e-5, rtol=0)
+
+
+def test_concentrations_and_per_token_concentrations_are_clamped_to_kappa_cap():
+    router = make_router(variational="concentration", kappa_cap=10.0)
+    heterogeneous_concentrations(router)  # κ from 2 to 12: the last expert is past the cap
+    kappa_E = router.concentrations()
+    assert kappa_E.max().item() == 10.0 and kappa_E.min().item() == pytest.approx(2.0, rel=1e-5)
+    with torch.no_grad():
+        router.vi_net[2].bias[:E] = 3.0  # μ = 3: κ·e^μ from 40 to 200, all past the cap
+    router.eval()  # δ = μ, no noise
+    x_TD = tokens()
+    mu_TE, _ = router._vi_net_outputs(x_TD)
+    kappa_TE = (kappa_E * mu_TE.exp()).clamp(max=10.0)
+    assert kappa_TE.max().item() == 10.0
+    x_hat_TM = torch.nn.functional.normalize(router.proj(x_TD), dim=-1)
+    affinity_TE = subspace_affinity(x_hat_TM, router.frames())
+    expected_TE = bingham_log_likelihood(affinity_TE, kappa_TE, router.subspace_dim, router.routing_dim, 10.0)
+    torch.testing.assert_close(router(x_TD).probs_TE, expected_TE.softmax(-1))
 
 
 # ---- the α and τ knobs ---------------------------------------------------------------------------------------------
@@ -287,15 +357,16 @@ def test_grmoe_logits_follow_the_formula_and_their_range_is_bounded_by_the_conce
         x_TD = tokens()
         frames_EMP, kappa_E = router.frames(), router.concentrations()
         x_hat_TM = torch.nn.functional.normalize(router.proj(x_TD), dim=-1)
-        logits_TE = alpha * bingham_log_likelihood(subspace_affinity(x_hat_TM, frames_EMP), kappa_E, p, m)
+        cap = router.kappa_cap
+        logits_TE = alpha * bingham_log_likelihood(subspace_affinity(x_hat_TM, frames_EMP), kappa_E, p, m, cap)
         torch.testing.assert_close(router(x_TD).probs_TE, logits_TE.softmax(-1))
-        log_norm_E = log_kummer(p / 2, m / 2, kappa_E)
+        log_norm_E = log_kummer(p / 2, m / 2, kappa_E, cap)
         general = alpha * ((kappa_E - log_norm_E).max() + log_norm_E.max())
         gap_T = logits_TE.amax(-1) - logits_TE.amin(-1)
         assert torch.all(gap_T <= general + 1e-5) and general <= alpha * (2 - p / m) * kappa_E.max() + 1e-5
         if not spread:  # a token inside expert 0's subspace attains α·κ
             inside_M = frames_EMP[0, :, 0:1].t()
-            inside_E = alpha * bingham_log_likelihood(subspace_affinity(inside_M, frames_EMP), kappa_E, p, m)[0]
+            inside_E = alpha * bingham_log_likelihood(subspace_affinity(inside_M, frames_EMP), kappa_E, p, m, cap)[0]
             assert torch.all(gap_T <= alpha * kappa_E[0] + 1e-5)
             assert (inside_E.max() - inside_E.min()).item() == pytest.approx(alpha * kappa_E[0].item(), rel=1e-5)
 
@@ -357,7 +428,9 @@ def test_registered_and_parameter_names_never_contain_expert():
 
 @pytest.mark.parametrize("key,value", [("subspace_dim", -1), ("alpha", 0.0), ("dispatch", "greedy"),
                                        ("eval_threshold", 1.5), ("max_experts", E + 1), ("variational", "full"),
-                                       ("prior_sigma", 0.0), ("kl_coef", -1.0), ("routing_dim", 8)])
+                                       ("prior_sigma", 0.0), ("kl_coef", -1.0), ("routing_dim", 8),
+                                       ("kappa_cap", 0.0), ("kappa_cap", math.inf),
+                                       ("kappa_cap", 2.0)])  # 2 < auto κ₀ = log 19 ≈ 2.94 (E=4, k=2)
 def test_config_validation_names_the_key(key, value):
     cfg = replace(GrMoEConfig(), **{key: value})
     if key == "routing_dim":  # p = 8 (auto for E = 4) does not fit in m = 8

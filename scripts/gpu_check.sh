@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU check: the three 350m_e8 recipes and the peer benchmark against HF Mixtral, under ~8 minutes on one H200.
+#   cp -r ../shared/gpu .gpu && echo /.gpu/ >> .git/info/exclude   # once: the kit, for its wheels (.gpu/wheels)
+#   SMALL=1 bash scripts/gpu_check.sh                               # dry run first: the same steps, toy sizes, CPU
+#   bash scripts/gpu_check.sh                                       # on the GPU machine, from the project root
+# Steps: install the wheels the GPU image lacks (into /tmp/site), prepare a 20 MB stdlib corpus, run
+# scripts/peer_benchmark.py at the GPU peer shape with every router, then train each 350m_e8 recipe for 30 steps.
+# Everything lands in $OUT (default /tmp/gpuout): summary.md (all results), results.jsonl (one line per recipe:
+# the last logged interval's tokens/s, MFU and peak memory, as the trainer logs them), peer/peer.{json,md}, logs/.
+# Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
+# it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
+R=$PWD; SMALL=${SMALL:-0}; OUT=${OUT:-/tmp/gpuout}; BUDGET_S=${BUDGET_S:-460}; PY=${PYTHON:-python3}
+W=${WORK:-/dev/shm/moe_lm_gpu_check}; rm -rf "$W"; mkdir -p "$W" "$OUT/logs" || exit 1
+[ -f recipes/350m_e8.yaml ] || { echo "run from the project root"; exit 1; }
+
+if [ "$SMALL" = 0 ]; then
+  WHEELS=${WHEELS:-$R/.gpu/wheels}
+  if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$R
+  else
+    echo "no wheels in $WHEELS: using the installed packages"; export PYTHONPATH=$R
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  MAXB=20000000; STEPS=30; MB=8; TOY=()
+  PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
+        --warmup 3 --steps 10 --timeout 120)
+else  # toy sizes on CPU: checks that every step runs, not its speed
+  export PYTHONPATH=$R DS_ACCELERATOR=cpu
+  MAXB=2000000; STEPS=3; MB=2
+  TOY=(model.d_model=64 model.n_heads=2 model.d_ff=128 model.seq_len=64 model.vocab_size=1024)
+  PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
+        --warmup 1 --steps 2 --timeout 120)
+fi
+$PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 \
+  | tee "$OUT/versions.txt"
+
+cap() {  # cap SECONDS: that, or what is left of the budget if less
+  local left=$((BUDGET_S - SECONDS)); echo $(($1 < left ? $1 : left))
+}
+DATA=(data.sources=[stdlib] data.dir=$W/data data.vocab_size=1024 data.max_bytes=$MAXB)
+
+t0=$SECONDS
+timeout "$(cap 150)" $PY -m moe_lm.cli prepare-data recipes/quickstart.yaml "${DATA[@]}" > "$OUT/logs/prepare.log" 2>&1
+echo "prepare-data: exit $? in $((SECONDS - t0)) s" | tee "$OUT/prepare.txt"
+
+# the peer benchmark: moe-lm against HF Mixtral at one shape, and every router against softmax_topk
+t0=$SECONDS; limit=$(cap 300)
+if [ "$limit" -ge 60 ]; then
+  timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --data-dir "$W/data" --out "$OUT/peer" -- \
+    "${DATA[@]}" > "$OUT/logs/peer_benchmark.log" 2>&1
+  echo "peer benchmark: exit $? in $((SECONDS - t0)) s (limit $limit s)"
+else
+  echo "peer benchmark: skipped, $limit s of the budget left"
+fi
+
+# each 350m_e8 recipe through the CLI (the real training loop: eval, logging, the end-of-run checkpoint)
+run_recipe() {  # run_recipe NAME RECIPE: one line of results.jsonl
+  local name=$1 recipe=$2 t0=$SECONDS limit rc; limit=$(cap 140)
+  if [ "$limit" -lt 45 ]; then
+    echo "{\"run\": \"$name\", \"skipped\": \"$limit s of the budget left\"}" | tee -a "$OUT/results.jsonl"; return
+  fi
+  timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
+    train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
+    train.log_interval=10 wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$OUT/logs/$name.log" 2>&1
+  rc=$?
+  $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$OUT/results.jsonl"
+import json, os, sys
+run_dir, name, recipe, rc, wall = sys.argv[1:6]
+last = {}
+if os.path.exists(f"{run_dir}/metrics.jsonl"):
+    for line in open(f"{run_dir}/metrics.jsonl"):
+        row = json.loads(line)
+        if "perf/tokens_per_s" in row:
+            last = row
+print(json.dumps({"run": name, "recipe": recipe, "exit": int(rc), "wall_s": int(wall), "step": last.get("step"),
+                  "tokens_per_s": last.get("perf/tokens_per_s"), "step_time_s": last.get("perf/step_time_s"),
+                  "mfu": last.get("perf/mfu"), "peak_mem_gib": last.get("perf/peak_mem_gib")}))
+PY
+  [ "$rc" = 0 ] || tail -n 12 "$OUT/logs/$name.log"
+  rm -rf "$W/runs/$name"  # the end-of-run checkpoint of 350m_e8 is ~13 GB
+}
+: > "$OUT/results.jsonl"
+for recipe in 350m_e8 350m_e8_mpi 350m_e8_grmoe; do
+  run_recipe "$recipe" "recipes/$recipe.yaml"
+done
+
+$PY - "$OUT" "$SECONDS" "$STEPS" <<'PY' | tee "$OUT/summary.md"
+import json, os, sys
+out, total, steps = sys.argv[1:4]
+def fmt(value, spec):
+    return "–" if value is None else format(value, spec)
+print(f"# GPU check ({open(f'{out}/versions.txt').read().strip()})\n")
+print(open(f"{out}/prepare.txt").read().strip() + "\n")
+print(f"| recipe ({steps} steps) | exit | wall (s) | tokens/s (last interval) | step (s) | MFU | peak mem (GiB) |")
+print("|---|---|---|---|---|---|---|")
+for line in open(f"{out}/results.jsonl"):
+    r = json.loads(line)
+    if "skipped" in r:
+        print(f"| {r['run']} | skipped: {r['skipped']} | | | | | |")
+        continue
+    print(f"| {r['run']} | {r['exit']} | {r['wall_s']} | {fmt(r['tokens_per_s'], ',.0f')} | "
+          f"{fmt(r['step_time_s'], '.3f')} | {fmt(r['mfu'], '.2%')} | {fmt(r['peak_mem_gib'], '.1f')} |")
+peer = f"{out}/peer/peer.md"
+print("\n" + (open(peer).read() if os.path.exists(peer) else "(no peer benchmark result: see logs/peer_benchmark.log)"))
+print(f"\ntotal {total} s")
+PY
