@@ -117,6 +117,10 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.bf16))
         install_moe_grad_clipping(self.engine)  # ZeRO-0: the exact norm over all experts, as for 1 process
+        if self.world == 1 and not (self.engine.zero_optimization() or self.bf16):
+            # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
+            # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
+            self.engine.enable_backward_allreduce = False
         self.client_optimizer = optimizer
         self.model: MoETransformer = self.engine.module
         torch.manual_seed(stable_seed(cfg.train.seed, "train", self.rank))  # router noise (jitter, sampling)
