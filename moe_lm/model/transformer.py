@@ -32,10 +32,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, token_ids_BS: Tensor) -> tuple[Tensor, Tensor | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if isinstance(self.ffn, MoEFeedForward):
-            y, l_aux = self.ffn(self.ffn_norm(x))
+            y, l_aux = self.ffn(self.ffn_norm(x), token_ids_BS)
             return x + y, l_aux
         return x + self.ffn(self.ffn_norm(x)), None
 
@@ -124,10 +124,10 @@ class MoETransformer(nn.Module):
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x, l_aux = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False,
+                x, l_aux = checkpoint(block, x, self.rope_cos, self.rope_sin, input_ids_BS, use_reentrant=False,
                                       context_fn=_recompute_without_records)
             else:
-                x, l_aux = block(x, self.rope_cos, self.rope_sin)
+                x, l_aux = block(x, self.rope_cos, self.rope_sin, input_ids_BS)
             if l_aux is not None:
                 aux_loss = aux_loss + l_aux
         h_BSD = self.norm(x)

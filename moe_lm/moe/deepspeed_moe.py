@@ -91,11 +91,12 @@ class RouterGate(nn.Module):
         """DeepSpeed hands the expert-parallel group to the gate once its groups exist; the router needs it."""
         self.router.ep_group = ep_group
 
-    def forward(self, x_TD: Tensor) -> tuple[RouterOutput, Tensor]:
-        """(router output with the ids and weights to dispatch, l_aux = Σ coef · loss over its aux losses)."""
+    def forward(self, x_TD: Tensor, token_ids_T: Tensor | None = None,
+                sequence_length: int | None = None) -> tuple[RouterOutput, Tensor]:
+        """(router output with the assignment to dispatch, l_aux = Σ coef · loss over its aux losses)."""
         expert_w1 = self.local_expert_w1() if self.router.needs_expert_w1 else None
-        out = self.router(x_TD, expert_w1_EFD=expert_w1)
-        if self.force_balanced_routing:
+        out = self.router(x_TD, expert_w1_EFD=expert_w1, token_ids_T=token_ids_T, sequence_length=sequence_length)
+        if self.force_balanced_routing and not out.expert_choice:
             weights_TK, expert_ids_TK = balanced_assignment(*out.expert_ids_TK.shape, self.num_experts, x_TD.device)
             out = RouterOutput(out.probs_TE, expert_ids_TK, weights_TK, out.aux_losses, out.stats)
         coefs = self.router.loss_coefs
@@ -111,16 +112,21 @@ class RouterGate(nn.Module):
 @torch.no_grad()
 def routing_record(out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> dict[str, Tensor]:
     """Per-micro-batch sums from which `moe_lm.metrics` computes load balance, collapse and entropy."""
-    used_TK = out.expert_ids_TK >= 0
-    selected_mass = out.probs_TE.gather(-1, out.expert_ids_TK.clamp_min(0)) * used_TK
+    if out.expert_choice:  # every pick is used; a token's mass is summed over the experts that picked it
+        selected_mass = out.probs_TE.t().gather(1, out.token_ids_EC)
+        active = torch.full((), float(out.token_ids_EC.numel()), device=counts_E.device)
+    else:
+        used_TK = out.expert_ids_TK >= 0
+        selected_mass = out.probs_TE.gather(-1, out.expert_ids_TK.clamp_min(0)) * used_TK
+        active = used_TK.sum().float()
     record = {
         "counts_E": counts_E,
         "kept_counts_E": kept_counts_E,
         "probs_sum_E": out.probs_TE.sum(0),
         "entropy_sum": entropy(out.probs_TE).sum(),
         "topk_mass_sum": selected_mass.sum(),
-        "active_sum": used_TK.sum().float(),
-        "num_tokens": torch.full((), float(out.expert_ids_TK.shape[0]), device=counts_E.device),
+        "active_sum": active,
+        "num_tokens": torch.full((), float(out.probs_TE.shape[0]), device=counts_E.device),
     }
     record.update({f"loss/{name}": loss.detach().float() for name, loss in out.aux_losses.items()})
     record.update({f"stat/{name}": value.detach().float() for name, value in out.stats.items()})
@@ -182,13 +188,44 @@ class MoEFeedForward(MoE):
         factor = self.moe_cfg.capacity_factor if self.training else self.moe_cfg.eval_capacity_factor
         return expert_capacity(num_tokens, slots, self.num_experts, factor, self.moe_cfg.min_capacity)
 
-    def forward(self, x_BSD: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x_BSD: Tensor, token_ids_BS: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B, S, D] (or [T, D]); `token_ids_BS`, the input ids of those positions, for routers that hash them."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        out, l_aux = self.gate(x_TD)
-        compute = self._compute_local if self.ep_size == 1 else self._compute_expert_parallel
-        y_TD, counts_E, kept_counts_E = compute(x_TD, out.expert_ids_TK, out.weights_TK)
+        token_ids_T = None if token_ids_BS is None else token_ids_BS.reshape(-1)
+        out, l_aux = self.gate(x_TD, token_ids_T, x_BSD.shape[-2] if x_BSD.dim() == 3 else None)
+        if out.expert_choice:
+            y_TD, counts_E = self._compute_expert_choice(x_TD, out.token_ids_EC, out.weights_EC)
+            kept_counts_E = counts_E
+        else:
+            compute = self._compute_local if self.ep_size == 1 else self._compute_expert_parallel
+            y_TD, counts_E, kept_counts_E = compute(x_TD, out.expert_ids_TK, out.weights_TK)
         self.gate.keep_record(out, counts_E, kept_counts_E)
         return y_TD.view_as(x_BSD), l_aux
+
+    def _exchange_and_compute(self, buffers_ECD: Tensor) -> Tensor:
+        """Expert parallelism: [E, C, D] buffers (experts in global order) to their owners by DeepSpeed's all-to-all,
+        batched SwiGLU over each local expert's [ep·C, D] rows, and back; returns [E, C, D] outputs."""
+        ep, local, capacity = self.ep_size, self.num_local_experts, buffers_ECD.shape[1]
+        group = self.deepspeed_moe.ep_group
+        received = _AllToAll.apply(group, buffers_ECD)  # [ep (source rank), local, C, D]
+        local_LRD = received.view(ep, local, capacity, -1).transpose(0, 1).reshape(local, ep * capacity, -1)
+        y_LRD = batched_swiglu(local_LRD, *self._local_expert_weights())
+        return _AllToAll.apply(group, y_LRD.view(local, ep, capacity, -1).transpose(0, 1).reshape_as(buffers_ECD))
+
+    def _compute_expert_choice(self, x_TD: Tensor, token_ids_EC: Tensor, weights_EC: Tensor) -> tuple[Tensor, Tensor]:
+        """Each expert takes its C picked tokens: rows are expert-major already, and every pick is kept. A token's
+        outputs are summed over the experts that picked it (any number, zero included); returns (y_TD, counts_E)."""
+        num_experts, capacity = token_ids_EC.shape
+        rows_ND = x_TD.index_select(0, token_ids_EC.reshape(-1))
+        if self.ep_size == 1:
+            group_end_E = torch.arange(1, num_experts + 1, device=x_TD.device, dtype=torch.int32) * capacity
+            y_ND = grouped_swiglu(rows_ND, *self._local_expert_weights(), group_end_E, self.expert_compute)
+        else:
+            y_ND = self._exchange_and_compute(rows_ND.view(num_experts, capacity, -1)).reshape(rows_ND.shape)
+        y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        y_TD.index_add_(0, token_ids_EC.reshape(-1), y_ND.float() * weights_EC.reshape(-1, 1).float())
+        counts_E = torch.full((num_experts,), float(capacity), device=x_TD.device)
+        return y_TD.to(x_TD.dtype), counts_E
 
     def _compute_local(self, x_TD: Tensor, expert_ids_TK: Tensor, weights_TK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """All experts on this rank: grouped GEMMs over exactly the routed rows (no capacity padding).
@@ -235,13 +272,7 @@ class MoEFeedForward(MoE):
         source_S.scatter_(0, slot_N, token_N)  # slots nothing routes to read the zero row
         padded_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
         buffers_ECD = padded_TD.index_select(0, source_S[:-1]).view(self.num_experts, capacity, -1)
-
-        ep, local = self.ep_size, self.num_local_experts
-        group = self.deepspeed_moe.ep_group
-        received = _AllToAll.apply(group, buffers_ECD)  # [ep (source rank), local, C, D]
-        local_LRD = received.view(ep, local, capacity, -1).transpose(0, 1).reshape(local, ep * capacity, -1)
-        y_LRD = batched_swiglu(local_LRD, *self._local_expert_weights())
-        y_ECD = _AllToAll.apply(group, y_LRD.view(local, ep, capacity, -1).transpose(0, 1).reshape_as(buffers_ECD))
+        y_ECD = self._exchange_and_compute(buffers_ECD)
         padded_SD = torch.cat([y_ECD.reshape(trash, -1), y_ECD.new_zeros(1, y_ECD.shape[-1])])
         routed_KTD = padded_SD.index_select(0, slot_N).view(slots, num_tokens, -1)
         y_TD = (routed_KTD.float() * gates_KT.unsqueeze(-1)).sum(0).to(x_TD.dtype)

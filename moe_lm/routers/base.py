@@ -4,16 +4,24 @@ Vocabulary (shape suffixes: T tokens, D model width, E experts, K selected slots
 - logits_TE:     unnormalised router scores, fp32.
 - probs_TE:      the full routing distribution, fp32, rows sum to 1. Load-balancing losses, entropy and the
                  metrics are computed from it.
-- expert_ids_TK: the experts each token is dispatched to, int64; -1 marks an unused slot (routers that
+A router returns one of two assignments:
+- token choice (each token picks experts):
+  expert_ids_TK: the experts each token is dispatched to, int64; -1 marks an unused slot (routers that
                  choose a variable number of experts per token, e.g. a mass threshold, pad with -1).
-- weights_TK:    the combine weights of those experts (0 where the id is -1).
+  weights_TK:    the combine weights of those experts (0 where the id is -1).
+  The MoE layer applies the capacity limit (`model.moe.capacity_factor`, or dropless).
+- expert choice (each expert picks tokens, so it sets its own capacity C and drops nothing it picked):
+  token_ids_EC:  the tokens each expert takes, int64 [E, C], every row over all experts (global ids).
+  weights_EC:    their combine weights.
 - aux_losses:    named, *unscaled* auxiliary losses; each router's config owns their coefficients
                  (`Router.loss_coefs`), applied once by the DeepSpeed gate adapter in `moe_lm/moe/`.
 - stats:         named scalar statistics to log (averaged over micro-batches and ranks).
 
-A router never reaches into its parent module. What it needs beyond the tokens comes as an explicit
+A router never reaches into its parent module. What it needs beyond the hidden states comes as an explicit
 keyword from the MoE block: `expert_w1_EFD` (this rank's local experts' SwiGLU gate matrices, for routers
-with `needs_expert_w1`), and `ep_group` (the expert-parallel process group, set once by DeepSpeed).
+with `needs_expert_w1`), `token_ids_T` (the input token id at each position, for hash routing) and
+`sequence_length` (tokens come as whole sequences of this length, T = batch · sequence_length), plus
+`ep_group` (the expert-parallel process group, set once by DeepSpeed).
 Routing math runs in fp32 whatever the activation dtype: softmax over bf16 logits loses ties and mass.
 """
 
@@ -30,16 +38,23 @@ from moe_lm.config.schema import RouterConfig
 @dataclass(frozen=True)
 class RouterOutput:
     probs_TE: Tensor
-    expert_ids_TK: Tensor
-    weights_TK: Tensor
+    expert_ids_TK: Tensor | None
+    weights_TK: Tensor | None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
+    token_ids_EC: Tensor | None = None
+    weights_EC: Tensor | None = None
+
+    @property
+    def expert_choice(self) -> bool:
+        return self.token_ids_EC is not None
 
 
 class Router(nn.Module):
     """Base of all routers: holds the config, the top-k and the expert-parallel group.
 
-    Subclasses implement `forward(x_TD, *, expert_w1_EFD=None) -> RouterOutput` and may override
+    Subclasses implement `forward(x_TD, *, expert_w1_EFD=None, token_ids_T=None, sequence_length=None) ->
+    RouterOutput` and may override
     `post_step` (once-per-optimizer-step state such as an expert bias), `diagnostics` (costly, logged every
     `metrics.diagnostics_interval` steps) and `set_alpha` (routers with a post-hoc sharpness knob).
     Parameter names must not contain "expert": DeepSpeed sends such keys to the per-expert checkpoint files.

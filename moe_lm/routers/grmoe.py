@@ -225,7 +225,8 @@ class GrMoERouter(Router):
         return {"balance": cfg.balance_coef, "separation": cfg.separation_coef, "kl": cfg.kl_coef,
                 "load_balance": cfg.load_balance_coef}
 
-    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None, token_ids_T: Tensor | None = None,
+                sequence_length: int | None = None) -> RouterOutput:
         cfg = self.cfg
         x_TD = x_TD.float()  # fp32 routing math: softmax over bf16 logits loses ties and mass
         x_hat_TM = F.normalize(F.linear(x_TD, self.proj.weight.float()), dim=-1)

@@ -129,7 +129,8 @@ class MPIRouter(Router):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return self.logit_scale * (x_TD.float() @ phi_ED.t())
 
-    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None, token_ids_T: Tensor | None = None,
+                sequence_length: int | None = None) -> RouterOutput:
         logits_TE = self.logits(x_TD, expert_w1_EFD)
         # routing in fp32 with autocast off: under bf16 autocast softmax/top-k would see rounded scores
         with torch.autocast(device_type=x_TD.device.type, enabled=False):

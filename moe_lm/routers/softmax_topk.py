@@ -56,7 +56,8 @@ class SoftmaxTopKRouter(Router):
     def loss_coefs(self) -> dict[str, float]:
         return {"load_balance": self.cfg.load_balance_coef, "z_loss": self.cfg.z_loss_coef}
 
-    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None) -> RouterOutput:
+    def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None, token_ids_T: Tensor | None = None,
+                sequence_length: int | None = None) -> RouterOutput:
         x_TD = x_TD.float()
         if self.training and self.cfg.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.cfg.jitter_eps, 1 + self.cfg.jitter_eps)

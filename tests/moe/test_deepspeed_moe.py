@@ -168,3 +168,33 @@ def test_capacity_drops_are_recorded_per_expert():
     layer(torch.randn(T, D))
     record = layer.gate.record
     assert torch.equal(record["kept_counts_E"], record["counts_E"].clamp_max(4))
+
+
+class _FixedExpertChoice(torch.nn.Module):
+    """A stub expert-choice router: expert e takes tokens (2e, 2e+1, 2e+2) with weights 0.5, 0.25, 0.25."""
+
+    needs_expert_w1 = False
+    loss_coefs = {}
+
+    def forward(self, x_TD, **context):
+        from moe_lm.routers import RouterOutput
+
+        token_ids_EC = (2 * torch.arange(E).unsqueeze(1) + torch.arange(3)) % x_TD.shape[0]
+        probs_TE = torch.full((x_TD.shape[0], E), 1.0 / E)
+        return RouterOutput(probs_TE, None, None, token_ids_EC=token_ids_EC,
+                            weights_EC=torch.tensor([0.5, 0.25, 0.25]).expand(E, 3))
+
+
+def test_expert_choice_output_sums_each_tokens_picks_and_leaves_unpicked_tokens_at_zero():
+    layer = make_layer()
+    layer.gate.router = _FixedExpertChoice()
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        y, _ = layer(x)
+    expected = torch.zeros_like(x)
+    for e in range(E):
+        for c, weight in enumerate([0.5, 0.25, 0.25]):
+            t = (2 * e + c) % T
+            expected[t] += weight * layer.local_experts[e](x[t])
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert y[2 * E + 1:].abs().sum() == 0  # picked by no expert: the residual stream carries it unchanged
