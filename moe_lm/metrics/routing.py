@@ -108,8 +108,9 @@ class RoutingTracker:
     """Sums routing records over the micro-batches of a step, all-reduces them once, and turns them into metrics.
 
     `record` only adds on the record's device (no host sync); `reduce` does one all-reduce of one flat
-    float64 tensor, and `compute` reads it back (float32 sums lose exactness past 2^24 assignments). Every rank must record the same
-    layers and the same loss/stat names between two computes, as lockstep data-parallel training does.
+    float64 tensor (float32 sums lose exactness past 2^24 assignments), and `compute` reads it back. Every rank
+    must record the same layers and the same loss/stat names between two computes, as lockstep data-parallel
+    training does.
     """
 
     def __init__(self, num_moe_layers: int, num_experts: int, dead_expert_share: float = 0.1,

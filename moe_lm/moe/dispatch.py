@@ -69,7 +69,8 @@ def grouped_mm_supported(x: Tensor) -> bool:
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
 def _grouped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> Tensor:

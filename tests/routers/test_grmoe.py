@@ -35,15 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 BINGHAM_SHAPES = [(8, 64), (4, 64), (2, 64), (1, 4), (2, 8)]  # (p, m): the three scales of §1.10 and tiny ones
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only fight the other processes on the 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_router(seed: int = 0, **overrides) -> GrMoERouter:
     torch.manual_seed(seed)
     return GrMoERouter(GrMoEConfig(**overrides), D, E, K)

@@ -101,15 +101,6 @@ def count_host_syncs(fn) -> dict[str, int]:
     return dict(counts)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only fight the other processes on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_registered_router_has_its_structural_options_listed():
     assert set(STRUCTURAL_OPTIONS) <= set(REGISTRY)
     assert {name for name, _ in VARIANTS} == set(REGISTRY)
