@@ -21,16 +21,25 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h_ND = torch.empty_like(h_ND) if need_grads else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_grads else None
         for start in range(0, num_tokens, chunk):
-            h_cD, targets_c = h_ND[start:start + chunk], targets_N[start:start + chunk]
-            logits_cV = (h_cD @ weight_VD.t()).float()
-            lse_c = torch.logsumexp(logits_cV, dim=-1)
-            loss_sum += (lse_c - logits_cV.gather(1, targets_c.unsqueeze(1)).squeeze(1)).sum()
-            if need_grads:  # d(mean loss)/d logits = (softmax − one-hot) / N, computed in place over the logits
-                dlogits_cV = logits_cV.sub_(lse_c.unsqueeze(1)).exp_()
-                dlogits_cV.scatter_add_(1, targets_c.unsqueeze(1), torch.full_like(lse_c, -1.0).unsqueeze(1))
-                dlogits_cV = dlogits_cV.div_(num_tokens).to(h_ND.dtype)
+            h_cD, targets_c1 = h_ND[start:start + chunk], targets_N[start:start + chunk].unsqueeze(1)
+            # in place over one buffer: shift by the row max, exp, sum; the exponentials are the softmax's
+            # numerators, so the gradient needs no second exp
+            shifted_cV = (h_cD @ weight_VD.t()).float()
+            shifted_cV.sub_(shifted_cV.amax(dim=-1, keepdim=True))
+            target_c1 = shifted_cV.gather(1, targets_c1)
+            exp_cV = shifted_cV.exp_()
+            sum_c1 = exp_cV.sum(dim=-1, keepdim=True)
+            loss_sum += (sum_c1.log() - target_c1).sum()
+            if need_grads:  # d(mean loss)/d logits = (softmax − one-hot) / N
+                dlogits_cV = exp_cV.mul_(sum_c1.reciprocal_().div_(num_tokens))
+                dlogits_cV.scatter_add_(1, targets_c1, torch.full(targets_c1.shape, -1.0 / num_tokens,
+                                                                  device=h_ND.device))
+                dlogits_cV = dlogits_cV.to(h_ND.dtype)
                 torch.mm(dlogits_cV, weight_VD, out=grad_h_ND[start:start + chunk])
-                grad_w_VD += (dlogits_cV.t() @ h_cD).float()
+                if h_cD.dtype == torch.float32:
+                    grad_w_VD.addmm_(dlogits_cV.t(), h_cD)
+                else:  # bf16 products, accumulated over the chunks in fp32
+                    grad_w_VD += (dlogits_cV.t() @ h_cD).float()
         if need_grads:
             ctx.save_for_backward(grad_h_ND, grad_w_VD)
             ctx.weight_dtype = weight_VD.dtype

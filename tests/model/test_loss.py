@@ -37,3 +37,18 @@ def test_without_grad_nothing_is_kept_for_backward():
     with torch.no_grad():
         loss = linear_cross_entropy(h, weight, torch.randint(0, 9, (10,)), 3)
     assert loss.grad_fn is None and loss.ndim == 0
+
+
+def test_bf16_inputs_give_the_fp32_loss_and_gradients_within_bf16_rounding():
+    torch.manual_seed(0)
+    h, weight = torch.randn(32, 16), torch.randn(40, 16)
+    targets = torch.randint(0, 40, (32,))
+    h16, w16 = h.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_()
+    loss = linear_cross_entropy(h16, w16, targets, 10)
+    loss.backward()
+    h32, w32 = h16.detach().float().requires_grad_(), w16.detach().float().requires_grad_()
+    expected = F.cross_entropy(h32 @ w32.t(), targets)
+    expected.backward()
+    assert loss.dtype == torch.float32 and h16.grad.dtype == w16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w16.grad.float(), w32.grad, rtol=5e-2, atol=5e-3)
