@@ -16,7 +16,10 @@ import sys
 
 from moe_lm.config import ConfigError, load_config
 
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after checkpointing; rerun with train.resume=auto
+# Exit statuses (README "Exit codes"); argparse exits 2 on a usage error.
+EXIT_ERROR = 1  # a user or config error, printed as one line "moe-lm: ..."
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after checkpointing; rerun with train.resume=auto
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C: checkpointed (first SIGINT) or aborted (second)
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -60,16 +63,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from moe_lm.train import Trainer
     from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.faults import TrainingDiverged
+    from moe_lm.train.run_dir import RunDirError
 
     try:
         trainer = Trainer(cfg, env)
         summary = trainer.train()
     except DataError as exc:
         sys.exit(f"moe-lm: {_rank_prefix()}data error: {exc}")
-    except (CheckpointError, TrainingDiverged) as exc:
+    except (CheckpointError, RunDirError, TrainingDiverged) as exc:  # the same message on every rank
         sys.exit(f"moe-lm: {exc}")
-    if summary.get("interrupted"):
-        sys.exit(EXIT_INTERRUPTED)
+    if summary.get("interrupted"):  # the trainer printed where the checkpoint is
+        sys.exit(EXIT_PREEMPTED if trainer.stop_cause == "preempted" else EXIT_INTERRUPTED)
     if trainer.is_main:
         _print_table(f"{cfg.run.name}: {cfg.run.dir}/summary.json", [
             ("router", summary["router"]),
@@ -134,9 +138,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from moe_lm.metrics.compare import compare_runs
+    from moe_lm.metrics.compare import NotARunError, compare_runs
 
-    report = compare_runs(args.runs, args.out)
+    try:
+        report = compare_runs(args.runs, args.out)
+    except NotARunError as exc:
+        sys.exit(f"moe-lm: {exc}")
     print(report.read_text())
     print(f"wrote {report} and plots in {args.out}")
 
@@ -144,18 +151,26 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from moe_lm.export import export_checkpoint
     from moe_lm.train.checkpoint import CheckpointError
+    from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     try:
+        check_checkpoint_source(args.checkpoint)
         out = export_checkpoint(args.checkpoint, args.out)
-    except CheckpointError as exc:
-        sys.exit(f"moe-lm: {exc}")
+    except (CheckpointError, RunDirError) as exc:
+        sys.exit(f"moe-lm: export: {exc}")
     print(f"wrote {out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.evaluate import sweep
+    from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
-    sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples, args.out, args.data_dir)
+    try:
+        check_checkpoint_source(args.checkpoint)
+        sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples, args.out, args.data_dir)
+    except (CheckpointError, RunDirError) as exc:
+        sys.exit(f"moe-lm: eval: {exc}")
     print(f"wrote {args.out}/sweep.csv, sweep.json and ppl_vs_active_experts.png")
 
 
@@ -208,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"moe-lm: {_rank_prefix()}config error: {exc}")
     except DistributedInitError as exc:
         sys.exit(f"moe-lm: distributed launch error: {exc}")
+    except KeyboardInterrupt as exc:  # Ctrl-C outside the training loop, or a second one inside (SecondInterrupt)
+        print(f"moe-lm: {_rank_prefix()}{str(exc) or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _rank_prefix() -> str:

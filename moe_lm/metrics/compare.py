@@ -40,6 +40,11 @@ COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
 LINESTYLES = ("-", "--", ":", "-.")
 
 
+class NotARunError(FileNotFoundError):
+    """A folder given to compare is not a finished run: missing, without one of `RUN_FILES`, or with a
+    summary.json that is not a run's. The message names the folder and what is wrong."""
+
+
 @dataclass
 class Run:
     """One run directory, read."""
@@ -85,13 +90,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: Path, label: str) -> Run:
-    """Read a run directory; a missing file raises FileNotFoundError naming the directory and the file."""
-    for name in RUN_FILES:
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"run dir {run_dir}: missing {name} (a run directory needs {', '.join(RUN_FILES)})")
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    if "router" not in summary:
-        raise KeyError(f"run dir {run_dir}: summary.json has no 'router'")
+    """Read a run directory; a missing folder or file raises `NotARunError` naming the folder and the file."""
+    if not run_dir.is_dir():
+        raise NotARunError(f"run dir {run_dir}: " + ("is a file, not a run folder" if run_dir.exists()
+                                                      else "no such folder (nor is it a wandb run path)"))
+    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    if missing:
+        unfinished = " (a run writes summary.json when it finishes)" if missing == ["summary.json"] else ""
+        raise NotARunError(f"run dir {run_dir}: missing {', '.join(missing)}{unfinished}; a run directory needs "
+                           f"{', '.join(RUN_FILES)}")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise NotARunError(f"run dir {run_dir}: summary.json is not JSON ({exc})") from exc
+    if not isinstance(summary, dict) or "router" not in summary:
+        raise NotARunError(f"run dir {run_dir}: summary.json has no 'router'")
     config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
     return Run(label, run_dir, summary, _read_jsonl(run_dir / "metrics.jsonl"), config)
 
@@ -228,7 +241,9 @@ def resolve_runs(runs: Sequence[str | Path], out_dir: Path) -> list[Path]:
     """Run directories as given; wandb run paths (entity/project/id) are fetched into out_dir/wandb_runs/<id>."""
     resolved = []
     for run in runs:
-        if Path(run).is_dir() or not WANDB_RUN_PATH.match(str(run)):
+        # a path whose first folder exists here (runs/a/b) is a local path, even if it looks like entity/project/id
+        local = Path(run).exists() or Path(str(run).split("/", 1)[0]).is_dir()
+        if local or not WANDB_RUN_PATH.match(str(run)):
             resolved.append(Path(run))
         else:
             resolved.append(fetch_wandb_run(str(run), Path(out_dir) / "wandb_runs" / str(run).rsplit("/", 1)[1]))

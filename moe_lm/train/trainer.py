@@ -9,14 +9,16 @@ step; routers then get their once-per-step hook (`post_step`, e.g. an expert-bia
 
 Fault tolerance (docs/checkpoints.md): `train.resume` restores the newest complete checkpoint at start;
 checkpoints (`checkpoint.py`) are written every `train.save_interval` steps, at the end, and at the first step
-boundary after SIGTERM/SIGUSR1, after which the run exits. A step whose loss or gradient is NaN/inf is skipped
-on every rank (`faults.py`), and `train.max_bad_steps` of them in a row stop the run.
+boundary after SIGTERM/SIGUSR1 or a first SIGINT, after which the run exits; a second SIGINT aborts at once. A
+step whose loss or gradient is NaN/inf is skipped on every rank (`faults.py`), and `train.max_bad_steps` of them
+in a row stop the run. Rank 0 holds the run directory's lock (`run_dir.py`) from the start to the end of the run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
 from pathlib import Path
 
 import deepspeed
@@ -32,7 +34,8 @@ from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_
 from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
 from moe_lm.train import checkpoint as ckpt
-from moe_lm.train.faults import SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
+from moe_lm.train.faults import SecondInterrupt, SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
+from moe_lm.train.run_dir import claim_run_dir, newest_complete_checkpoint
 from moe_lm.train.distributed import (DistEnv, check_layout, init_distributed, install_moe_grad_clipping,
                                       resolve_env)
 
@@ -82,10 +85,12 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir)
         self.progress = progress and self.is_main
+        # before anything else touches run.dir or the GPUs: a live run there refuses this one (run_dir.py)
+        self.run_lock = claim_run_dir(self.run_dir, self.rank)
+        if self.run_lock is not None:  # errors before train() release it at exit; train() releases it itself
+            weakref.finalize(self, self.run_lock.release)
 
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
             prepare_data(cfg.data, cfg.model.seq_len, progress=self.progress)
         dist.barrier()
         self.meta = load_meta(cfg.data.dir)
@@ -137,14 +142,25 @@ class Trainer:
         self.bad_streak = 0  # ... in a row, up to the last step
         self.signals = StopSignals()  # active during train()
         self.stop_requested = False  # a stop signal reached some rank (all-reduced at each step boundary)
+        self.stop_cause: str | None = None  # after a stop: "preempted" (SIGTERM/SIGUSR1) or "interrupted" (SIGINT)
         self.last_checkpoint: Path | None = None
         self.last_metrics: dict = {}
         self.tokens_per_s = 0.0  # of the last logging interval, for the progress bar
-        resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir)
-        self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank,
-                                     resume_id=read_wandb_id(self.run_dir) if resume_from else None)
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)  # last: it restores the RNG states
+        try:
+            # validate (and load) the checkpoint before writing config.yaml or starting a wandb run, so that a
+            # refused resume leaves run.dir as it was
+            resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir)
+            if resume_from is not None:
+                self._load_checkpoint(resume_from)
+            rng = ckpt.rng_state()  # the resumed (or seeded) generators; wandb.init may draw from Python's
+            if self.is_main:
+                (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            self.loggers = build_loggers(cfg.wandb, self.run_dir, to_dict(cfg), self.rank,
+                                         resume_id=read_wandb_id(self.run_dir) if resume_from else None)
+            ckpt.set_rng_state(rng)
+        except BaseException:
+            self._release_run_dir()
+            raise
 
     @property
     def tokens_per_step(self) -> int:
@@ -287,13 +303,28 @@ class Trainer:
 
     def train(self) -> dict:
         """Train to `train.max_steps` and return the summary; after a stop signal, return {"interrupted": True,
-        "steps", "checkpoint"} once every rank has checkpointed the step boundary."""
-        with self.signals:
-            try:
-                return self._train_loop()
-            except TrainingDiverged:
-                self.loggers.close()
-                raise
+        "steps", "checkpoint"} once every rank has checkpointed the step boundary (`stop_cause` then says which
+        kind of signal). A second SIGINT raises `SecondInterrupt` at once, naming the last complete checkpoint.
+        The run directory's lock is released on every way out."""
+        try:
+            with self.signals:
+                try:
+                    return self._train_loop()
+                except TrainingDiverged:
+                    self.loggers.close()
+                    raise
+                except SecondInterrupt:
+                    newest = newest_complete_checkpoint(self.run_dir)
+                    raise SecondInterrupt(
+                        "second interrupt: aborted without checkpointing; " + (
+                            f"the last complete checkpoint is {newest}: resume with train.resume=auto" if newest
+                            else f"no checkpoint was written in {self.run_dir / ckpt.CHECKPOINT_DIR}")) from None
+        finally:
+            self._release_run_dir()
+
+    def _release_run_dir(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _train_loop(self) -> dict:
         t = self.cfg.train
@@ -339,9 +370,24 @@ class Trainer:
         bar.close()
         if self.step < t.max_steps:  # stopped by a signal
             self.loggers.close()
-            ckpt.log(f"stopped by a signal at step {self.step}; checkpoint: {self.last_checkpoint}")
+            self.stop_cause = self._stop_cause()
+            if self.last_checkpoint is not None and ckpt.step_of(self.last_checkpoint) == self.step:
+                ckpt.log(f"{self.stop_cause}: checkpoint at step {self.step} written to {self.last_checkpoint}; "
+                         f"resume with train.resume=auto")
+            else:  # the last step was skipped (NaN/inf), so it was not checkpointed
+                ckpt.log(f"{self.stop_cause} at step {self.step}, not checkpointed after a skipped NaN/inf step; "
+                         + (f"the last complete checkpoint is {self.last_checkpoint}: resume with train.resume=auto"
+                            if self.last_checkpoint else "no checkpoint was written"))
             return {"interrupted": True, "steps": self.step, "checkpoint": str(self.last_checkpoint)}
         return self._finish(val)
+
+    def _stop_cause(self) -> str:
+        """"preempted" if any rank got SIGTERM/SIGUSR1 (the scheduler will want to requeue), else "interrupted"
+        (SIGINT). Collective: every rank stops at the same step boundary and calls it."""
+        local = 2 if self.signals.preempted else 1 if self.signals.interrupted else 0
+        cause = torch.tensor(local, device=self.device)
+        dist.all_reduce(cause, op=dist.ReduceOp.MAX)
+        return "preempted" if cause.item() == 2 else "interrupted"
 
     def _checkpoint_due(self) -> bool:
         """At `train.save_interval`, at the end and on a stop signal; never right after a skipped (bad) step."""
