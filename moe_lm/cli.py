@@ -35,14 +35,23 @@ def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
-    from moe_lm.data import prepare_data
-    from moe_lm.data.prepare import load_meta
-
-    from moe_lm.data import DataError
+    from moe_lm.data import DataError, index_data, load_meta, parse_shard, prepare_shards, prepare_training_data
 
     cfg = load_config(args.recipe, args.overrides)
     try:
-        data_dir = prepare_data(cfg.data, cfg.model.seq_len)
+        if cfg.data.blend:  # folders prepared by their own recipes: check them
+            folders = prepare_training_data(cfg.data, cfg.model.seq_len)
+            print(f"a blend of {len(folders)} prepared folders, ready: {', '.join(map(str, folders))}")
+            return
+        if args.index:
+            data_dir = index_data(cfg.data, cfg.model.seq_len)
+        else:
+            job, jobs = parse_shard(args.shard) if args.shard else (0, 1)
+            data_dir = prepare_shards(cfg.data, job, jobs, cfg.model.seq_len)
+            if data_dir is None:
+                print(f"moe-lm: the shards of job {job}/{jobs} are prepared; the job that completes the last shard "
+                      f"indexes them (or run: moe-lm prepare-data {args.recipe} ... --index)")
+                return
     except DataError as exc:
         sys.exit(f"moe-lm: data error: {exc}")
     meta = load_meta(data_dir)
@@ -185,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.set_defaults(func=func)
+        if func is cmd_prepare_data:
+            step = p.add_mutually_exclusive_group()
+            step.add_argument("--shard", metavar="I/N", default=None,
+                              help="prepare only the shards of job I of N (I from 0), e.g. one job per machine; the "
+                                   "job that completes the last shard indexes them")
+            step.add_argument("--index", action="store_true",
+                              help="only index the shards that --shard jobs prepared (names any that are missing)")
         if func is cmd_info:
             p.add_argument("--gpus", type=int, default=None,
                            help="GPUs to plan memory for (default: parallel.ep_size, the fewest that can run it)")

@@ -31,12 +31,39 @@ class RunConfig:
 
 
 @dataclass
+class BlendSource:
+    """One prepared data folder of `data.blend`."""
+
+    dir: str = ""
+    """A folder written by `moe-lm prepare-data` (every folder of a blend must share one tokenizer)."""
+    weight: float = 1.0
+    """Relative share of training samples drawn from it (weights are normalised to sum to 1)."""
+    name: str = ""
+    """Label of its validation loss `val/<name>/loss` ("" = the folder's name)."""
+
+
+@dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["stdlib"])
     """Corpus: "stdlib" (the running interpreter's standard library sources, the embedded default),
-    local .txt/.jsonl/.parquet files or folders, or "hf:NAME[:CONFIG]" for a hub dataset (needs network)."""
+    local .txt/.jsonl/.parquet files or folders, "hf:NAME[:CONFIG]" for a hub dataset (needs network), or
+    "megatron:PATH_PREFIX" alone for a Megatron-LM indexed dataset (PREFIX.bin/.idx) tokenized with `tokenizer`."""
     dir: str = "data/stdlib"
-    """Folder of the prepared data: tokenizer/, train.bin/.idx, val.bin/.idx, meta.json."""
+    """Folder of the prepared data: tokenizer/, token shards, meta.json (docs/data.md)."""
+    num_proc: int = 0
+    """Processes that tokenize a shard (0 = every core this process may use; 1 = this process alone, where the
+    Rust tokenizer's batch encoding still runs on every core)."""
+    shard_bytes: int = 268435456
+    """Text per shard, about (256 MiB): the corpus is cut into shards of whole files or file parts, each one
+    prepared once, by one of the `--shard i/n` jobs, and kept when a preparation is interrupted."""
+    tokenizer_sample_bytes: int = 1073741824
+    """Text the tokenizer is trained on (1 GiB): the leading training documents of every shard, in equal parts."""
+    max_val_tokens: int = 100000000
+    """Cap of the validation split in tokens (0 = no cap): the validation documents with the lowest hashes are kept
+    and the others are trained on."""
+    blend: list[BlendSource] = field(default_factory=list)
+    """Train on several prepared folders, sampled in proportion to their weights (Megatron's `--data-path 0.7 A
+    0.3 B`); `sources`, `dir` and the tokenizer keys are then unused. Empty: train on `dir`."""
     vocab_size: int = 4096
     """Vocabulary of the byte-level BPE tokenizer trained by `moe-lm prepare-data`."""
     tokenizer: str = ""
@@ -256,6 +283,15 @@ def validate(cfg: Config) -> None:
     _require(t.loss_chunk_tokens >= 1, "train.loss_chunk_tokens", f"must be >= 1, got {t.loss_chunk_tokens}")
     _require(cfg.data.decode_errors in ("replace", "skip", "error"), "data.decode_errors",
              f"must be replace, skip or error, got {cfg.data.decode_errors!r}")
+    for key, value in [("data.num_proc", cfg.data.num_proc), ("data.max_val_tokens", cfg.data.max_val_tokens)]:
+        _require(value >= 0, key, f"must be >= 0, got {value}")
+    for key, value in [("data.shard_bytes", cfg.data.shard_bytes),
+                       ("data.tokenizer_sample_bytes", cfg.data.tokenizer_sample_bytes)]:
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    for i, part in enumerate(cfg.data.blend):
+        _require(bool(part.dir), f"data.blend[{i}].dir", "must name a prepared data folder")
+        _require(part.weight > 0, f"data.blend[{i}].weight", f"must be > 0, got {part.weight}")
+        _require("/" not in part.name, f"data.blend[{i}].name", f"must not hold '/', got {part.name!r}")
     _require(t.save_interval >= 0, "train.save_interval", f"must be >= 0, got {t.save_interval}")
     _require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode",

@@ -1,4 +1,4 @@
-"""Turn `data.sources` into one `datasets.Dataset` with a single `text` column, in a deterministic order.
+"""Read the documents of `data.sources` one at a time, in a deterministic order.
 
 Sources are checked before anything is read, so a typo fails at once with the key `data.sources`:
 - "stdlib": the running interpreter's standard-library *.py files, test suite included (a corpus that
@@ -8,9 +8,15 @@ Sources are checked before anything is read, so a typo fails at once with the ke
 - a folder: its .py/.txt files, then its .jsonl files, then its .parquet files, each group walked recursively
   in sorted path order (hidden folders, __pycache__ and site-packages skipped; other file types ignored);
 - "hf:NAME[:CONFIG]": the train split of a hub dataset (streamed when `max_bytes` is set; from the local cache
-  only when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set). An unreachable hub fails in seconds, not after retries.
+  only when HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set). An unreachable hub fails in seconds, not after retries;
+- "megatron:PATH_PREFIX": token ids, not text (`megatron.py` reads them; `prepare.py` takes them as they are).
 `max_bytes` caps the UTF-8 size of the corpus: reading stops once it is reached, and the document that
 crosses it is cut at a character boundary, so the corpus never exceeds it.
+
+Reading streams. `plan_pieces` cuts the sources into pieces without reading any text: a text file, a byte range
+of a large .jsonl file (the lines that start in it), a run of row groups of a .parquet file, a run of rows of a
+hub dataset. `read_pieces` yields their documents one by one, so memory does not grow with the corpus;
+`load_corpus` collects them into a `datasets.Dataset`, for small corpora.
 
 Nothing odd is trained on unnoticed. Text is decoded strictly (UTF-8; a .py file's PEP 263 coding cookie wins),
 and a document with undecodable bytes is handled as `data.decode_errors` says: replace them with U+FFFD, skip
@@ -26,7 +32,7 @@ import os
 import sysconfig
 import tokenize
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +54,8 @@ SKIPPED_FOLDERS = {"__pycache__", "site-packages", "dist-packages"}
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 HUB_TIMEOUT_S = 10
 EXAMPLES_SHOWN = 3  # file names a warning lists before "and N more"
+ROWS_PER_BATCH = 1000  # table rows converted to Python strings at a time
+MEGATRON_PREFIX = "megatron:"
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,36 @@ class HubDataset:
         return f"hf:{self.name}" + (f":{self.config}" if self.config else "")
 
 
-Part = TextFiles | TableFiles | HubDataset
+@dataclass(frozen=True)
+class MegatronFiles:
+    """A Megatron-LM indexed dataset: PREFIX.bin (token ids) and PREFIX.idx."""
+
+    prefix: Path
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return Path(f"{self.prefix}.bin"), Path(f"{self.prefix}.idx")
+
+
+Part = TextFiles | TableFiles | HubDataset | MegatronFiles
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of documents of one source, read as a unit."""
+
+    source: int
+    """Position of its source in `data.sources`."""
+    kind: str
+    """text (one file, one document), jsonl, parquet or hub."""
+    path: str
+    """The file, or the hub dataset's label hf:NAME[:CONFIG]."""
+    start: int = 0
+    """First byte (jsonl: the lines starting at or after it), row group (parquet) or row (hub)."""
+    stop: int = -1
+    """End of the range, excluded (-1: to the end)."""
+    size: int = 0
+    """Its text in bytes, about: the size on disk, uncompressed for parquet."""
 
 
 @dataclass
@@ -117,31 +154,62 @@ def resolve_sources(sources: Iterable[str]) -> list[Part]:
     return parts
 
 
-def load_corpus(cfg: DataConfig, progress: bool = False, report: ReadReport | None = None) -> datasets.Dataset:
-    """All documents of `cfg.sources` in order, as a Dataset with one `text` column. What was replaced or
-    skipped is added to `report` and warned about."""
-    parts = resolve_sources(cfg.sources)
-    for part in parts:
+def megatron_sources(sources: Iterable[str]) -> list[MegatronFiles]:
+    """The Megatron datasets among `sources` (checked: they must be the only source)."""
+    sources = list(sources)
+    found = [part for source in sources if source.startswith(MEGATRON_PREFIX) for part in _resolve(source)]
+    if found and len(sources) > 1:
+        raise ConfigError("data.sources", f"a {MEGATRON_PREFIX} source holds token ids and must be the only source "
+                                          f"(got {sources}): prepare each corpus on its own and list the folders in "
+                                          "data.blend")
+    return found
+
+
+def plan_pieces(cfg: DataConfig, piece_bytes: int = 0) -> list[Piece]:
+    """The pieces of `cfg.sources`, in reading order. With `piece_bytes`, .jsonl and .parquet files and hub datasets
+    larger than that are cut into pieces of about that size (hub datasets are loaded to measure them)."""
+    parts = [(number, part) for number, source in enumerate(cfg.sources) for part in _resolve(source)]
+    for _, part in parts:
+        if isinstance(part, MegatronFiles):
+            raise ConfigError("data.sources", f"{MEGATRON_PREFIX}{part.prefix} holds token ids, not text")
         if isinstance(part, HubDataset):
             _check_hub(part)  # before reading anything else: a network failure should cost seconds
-    reader = _SourceReader(cfg, report if report is not None else ReadReport(), progress)
-    pieces: list[datasets.Dataset] = []
-    for part in parts:
+    pieces: list[Piece] = []
+    for number, part in parts:
         if isinstance(part, TextFiles):
-            pieces.append(reader.text_files(part.paths))
+            pieces.extend(Piece(number, "text", str(path), size=_file_size(path)) for path in part.paths)
         elif isinstance(part, TableFiles):
-            pieces.extend(reader.table_file(path) for path in part.paths)
+            for path in part.paths:
+                cut = _parquet_pieces if path.suffix == ".parquet" else _jsonl_pieces
+                pieces.extend(cut(number, path, piece_bytes))
         else:
-            pieces.append(reader.hub(part))
-    reader.report.warn(cfg.decode_errors)
-    if not pieces:
-        return _text_dataset([])
-    return datasets.concatenate_datasets(pieces)
+            pieces.extend(_hub_pieces(number, part, cfg.text_key, piece_bytes))
+    return pieces
 
 
-def corpus_bytes(corpus: datasets.Dataset) -> int:
-    """UTF-8 size of all the text in a corpus."""
-    return int(_row_bytes(corpus).sum()) if len(corpus) else 0
+def read_pieces(cfg: DataConfig, pieces: Iterable[Piece], report: ReadReport,
+                progress: bool = False) -> Iterator[tuple[int, str]]:
+    """(source number, text) of every non-empty document of `pieces`, in order, under `cfg.max_bytes`.
+    What was replaced or skipped is added to `report` (the caller warns)."""
+    reader = _SourceReader(cfg, report)
+    pieces = list(pieces)
+    with tqdm(total=sum(p.size for p in pieces), desc="reading", unit="B", unit_scale=True, leave=False,
+              disable=not progress) as bar:
+        for piece in pieces:
+            if reader.budget.spent:
+                return
+            for text in reader.budget.cap(reader.texts(piece)):
+                yield piece.source, text
+            bar.update(piece.size)
+
+
+def load_corpus(cfg: DataConfig, progress: bool = False, report: ReadReport | None = None) -> datasets.Dataset:
+    """All documents of `cfg.sources` in order, as a Dataset with one `text` column (held in memory: for small
+    corpora). What was replaced or skipped is added to `report` and warned about."""
+    report = report if report is not None else ReadReport()
+    texts = [text for _, text in read_pieces(cfg, plan_pieces(cfg), report, progress)]
+    report.warn(cfg.decode_errors)
+    return _text_dataset(texts)
 
 
 class ByteBudget:
@@ -165,70 +233,35 @@ class ByteBudget:
                 continue
             size = len(text.encode())
             if size >= self.left:
-                cut, self.left = _cut_utf8(text, self.left), 0
+                cut, self.left = cut_utf8(text, self.left), 0
                 yield cut
                 return
             self.left -= size
             yield text
 
-    def cap_table(self, table: datasets.Dataset) -> datasets.Dataset:
-        """The leading rows of an Arrow-backed text table that fit in the budget, the last one cut to fit."""
-        if self.left is None:
-            return table
-        ends = np.cumsum(_row_bytes(table)) if len(table) else np.zeros(1, dtype=np.int64)
-        if ends[-1] < self.left:
-            self.left -= int(ends[-1])
-            return table
-        crossing = int(np.searchsorted(ends, self.left, side="left"))
-        head = table.select(range(crossing), keep_in_memory=True)
-        cut = _cut_utf8(table[crossing]["text"], self.left - (int(ends[crossing - 1]) if crossing else 0))
-        self.left = 0
-        return datasets.concatenate_datasets([head, _text_dataset([cut])])
-
 
 class _SourceReader:
-    """Reads files and hub datasets into text Datasets under one byte budget and one `data.decode_errors` policy."""
+    """Reads pieces as texts under one byte budget and one `data.decode_errors` policy."""
 
-    def __init__(self, cfg: DataConfig, report: ReadReport, progress: bool):
+    def __init__(self, cfg: DataConfig, report: ReadReport):
         self.text_key = cfg.text_key
         self.decode_errors = cfg.decode_errors
         self.budget = ByteBudget(cfg.max_bytes)
         self.report = report
-        self.progress = progress
+        self._hub_table: tuple[str, datasets.Dataset] | None = None  # the last hub dataset loaded
 
-    def text_files(self, paths: tuple[Path, ...]) -> datasets.Dataset:
-        """Non-empty, non-binary files as documents, while the budget lasts."""
-        files = tqdm(paths, desc="reading files", unit="file", disable=not self.progress or self.budget.spent)
-        texts = (self._file_text(path) for path in files)
-        return _text_dataset(list(self.budget.cap(text for text in texts if text)))
-
-    def table_file(self, path: Path) -> datasets.Dataset:
-        if self.budget.spent:
-            return _text_dataset([])
-        if path.suffix == ".jsonl":
-            return _text_dataset(list(self.budget.cap(self._jsonl_texts(path))))
-        try:
-            names = pq.read_schema(path).names
-            if self.text_key not in names:
-                raise ConfigError("data.text_key", f"{path} has no column {self.text_key!r}; it has {names}")
-            table = pq.read_table(path, columns=[self.text_key])
-        except pa.ArrowException as exc:
-            raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
-        return self.budget.cap_table(_text_column(datasets.Dataset(table), self.text_key, str(path)))
-
-    def hub(self, part: HubDataset) -> datasets.Dataset:
-        if self.budget.spent:
-            return _text_dataset([])
-        # offline, the cache is read whole: a stream always needs the network
-        if self.budget.left is None or datasets.config.HF_HUB_OFFLINE:
-            table = _load_hub(part)
-            return self.budget.cap_table(_text_column(table, self.text_key, part.label))
-        stream = _load_hub(part, streaming=True)
-        if self.text_key not in (stream.column_names or [self.text_key]):
-            raise ConfigError("data.text_key", f"{part.label} has no column {self.text_key!r}; "
-                                               f"it has {stream.column_names}")
-        texts = (_text_field(row, self.text_key, f"{part.label} row {number}") for number, row in enumerate(stream))
-        return _text_dataset(list(self.budget.cap(text for text in texts if text)))
+    def texts(self, piece: Piece) -> Iterator[str]:
+        """The non-empty documents of a piece."""
+        if piece.kind == "text":
+            text = self._file_text(Path(piece.path))
+            if text:
+                yield text
+        elif piece.kind == "jsonl":
+            yield from self._jsonl_texts(Path(piece.path), piece.start, piece.stop)
+        elif piece.kind == "parquet":
+            yield from self._parquet_texts(Path(piece.path), piece.start, piece.stop)
+        else:
+            yield from self._hub_texts(piece)
 
     def _file_text(self, path: Path) -> str | None:
         """A file's text (None: skipped); .py files honour their PEP 263 coding cookie."""
@@ -242,43 +275,83 @@ class _SourceReader:
                 encoding, _ = tokenize.detect_encoding(iter(raw.splitlines(keepends=True)).__next__)
             except SyntaxError:  # an invalid coding cookie: fall back to UTF-8
                 pass
-        return self._decode(raw, encoding, str(path))
+        return self._decode(raw, encoding, lambda: str(path))
 
-    def _jsonl_texts(self, path: Path) -> Iterator[str]:
-        """The non-empty `text_key` values of a .jsonl file, line by line."""
+    def _jsonl_texts(self, path: Path, start: int, stop: int) -> Iterator[str]:
+        """The non-empty `text_key` values of the lines of a .jsonl file that start in [start, stop)."""
         key_seen, first_keys = False, None
-        with open(path, "rb") as lines:
-            for number, line in enumerate(lines, start=1):
-                where = f"{path}:{number}"
-                decoded = self._decode(line.rstrip(b"\r\n"), "utf-8", where)
-                if decoded is None or not decoded.strip():
-                    continue
-                try:
-                    row = json.loads(decoded)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{where}: not valid JSON at column {exc.colno}: {exc.msg}") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected one JSON object per line, got {type(row).__name__}")
-                first_keys = first_keys if first_keys is not None else sorted(row)
-                key_seen = key_seen or self.text_key in row
-                text = _text_field(row, self.text_key, where)
-                if text and not _encodable(text):  # a lone surrogate escape such as "\ud800"
-                    text = self._decode(text.encode("utf-8", "surrogatepass"), "utf-8", where)
-                if text:
-                    yield text
+        line_number = _LineNumbers(path)
+        for offset, line in _jsonl_lines(path, start, stop):
+            def where(offset=offset) -> str:
+                return f"{path}:{line_number(offset)}"
+
+            decoded = self._decode(line.rstrip(b"\r\n"), "utf-8", where)
+            if decoded is None or not decoded.strip():
+                continue
+            try:
+                row = json.loads(decoded)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where()}: not valid JSON at column {exc.colno}: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where()}: expected one JSON object per line, got {type(row).__name__}")
+            first_keys = first_keys if first_keys is not None else sorted(row)
+            key_seen = key_seen or self.text_key in row
+            text = _text_field(row, self.text_key, where)
+            if text and not _encodable(text):  # a lone surrogate escape such as "\ud800"
+                text = self._decode(text.encode("utf-8", "surrogatepass"), "utf-8", where)
+            if text:
+                yield text
         if first_keys is not None and not key_seen:
             raise ConfigError("data.text_key", f"{path} has no field {self.text_key!r} in any row; "
                                                f"its rows have {first_keys}")
 
-    def _decode(self, raw: bytes, encoding: str, where: str) -> str | None:
+    def _parquet_texts(self, path: Path, start: int, stop: int) -> Iterator[str]:
+        """The non-empty `text_key` values of row groups [start, stop) of a .parquet file."""
+        try:
+            table = pq.ParquetFile(path)
+            column_type = _parquet_text_type(table, path, self.text_key)
+            groups = list(range(table.num_row_groups))[start:None if stop < 0 else stop]
+            if not _is_string(column_type):
+                values = table.read(columns=[self.text_key]).column(0).to_pylist()
+                row = next((i for i, value in enumerate(values) if value is not None), 0)
+                raise DataError(f"{path}: column {self.text_key!r} (data.text_key) holds {column_type}, not strings "
+                                f"(row {row}: {_shorten(repr(values[row] if values else None))})")
+            batches = table.iter_batches(batch_size=ROWS_PER_BATCH, row_groups=groups, columns=[self.text_key])
+            for batch in batches if groups else ():
+                yield from (text for text in batch.column(0).to_pylist() if text)
+        except pa.ArrowException as exc:
+            raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+
+    def _hub_texts(self, piece: Piece) -> Iterator[str]:
+        part = _hub_part(piece.path)
+        # offline, the cache is read whole: a stream always needs the network
+        if self.budget.left is None or datasets.config.HF_HUB_OFFLINE:
+            if self._hub_table is None or self._hub_table[0] != piece.path:
+                self._hub_table = piece.path, _hub_text_table(part, self.text_key)
+            table = self._hub_table[1]
+            stop = len(table) if piece.stop < 0 else piece.stop
+            for begin in range(piece.start, stop, ROWS_PER_BATCH):
+                rows = table.with_format("arrow")[begin:min(begin + ROWS_PER_BATCH, stop)][self.text_key]
+                yield from (text for text in rows.to_pylist() if text)
+            return
+        stream = _load_hub(part, streaming=True)
+        if self.text_key not in (stream.column_names or [self.text_key]):
+            raise ConfigError("data.text_key", f"{part.label} has no column {self.text_key!r}; "
+                                               f"it has {stream.column_names}")
+        for number, row in enumerate(stream):
+            text = _text_field(row, self.text_key, lambda number=number: f"{part.label} row {number}")
+            if text:
+                yield text
+
+    def _decode(self, raw: bytes, encoding: str, where: Callable[[], str]) -> str | None:
         """`raw` as text under `data.decode_errors`; None when the document is skipped."""
         try:
             return raw.decode(encoding)
         except UnicodeDecodeError as exc:
             if self.decode_errors == "error":
-                raise DataError(f"{where}: byte {exc.start} ({raw[exc.start:exc.start + 1]!r}) is not valid "
+                raise DataError(f"{where()}: byte {exc.start} ({raw[exc.start:exc.start + 1]!r}) is not valid "
                                 f"{encoding} (data.decode_errors=error; replace or skip reads on)") from None
-            self.report.undecodable.append(where)
+            self.report.undecodable.append(where())
             if self.decode_errors == "skip":
                 return None
             text = raw.decode(encoding, errors="replace")
@@ -286,6 +359,43 @@ class _SourceReader:
             self.report.replaced_characters += (text.count("\ufffd")
                                                  - raw.decode(encoding, errors="ignore").count("\ufffd"))
             return text
+
+
+def _jsonl_lines(path: Path, start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) of the lines of `path` that start in [start, stop) (stop -1: to the end of the file)."""
+    with open(path, "rb") as lines:
+        if start:
+            lines.seek(start - 1)
+            lines.readline()  # the rest of the line holding byte start - 1: it belongs to the piece before
+        offset = lines.tell()
+        while stop < 0 or offset < stop:
+            line = lines.readline()
+            if not line:
+                return
+            yield offset, line
+            offset += len(line)
+
+
+class _LineNumbers:
+    """Line number of a byte offset of a file, counted only when asked (for an error or a report)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.known = (0, 1)  # (offset, line number at it)
+
+    def __call__(self, offset: int) -> int:
+        known_offset, number = self.known if offset >= self.known[0] else (0, 1)
+        with open(self.path, "rb") as handle:
+            handle.seek(known_offset)
+            left = offset - known_offset
+            while left > 0:
+                chunk = handle.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                number += chunk.count(b"\n")
+                left -= len(chunk)
+        self.known = (offset, number)
+        return number
 
 
 def _resolve(source: str) -> list[Part]:
@@ -296,9 +406,17 @@ def _resolve(source: str) -> list[Part]:
         if not name:
             raise ConfigError("data.sources", f"{source!r} names no dataset: use hf:NAME or hf:NAME:CONFIG")
         return [HubDataset(name, config or None)]
+    if source.startswith(MEGATRON_PREFIX):
+        part = MegatronFiles(Path(source[len(MEGATRON_PREFIX):]).expanduser())
+        missing = [str(path) for path in part.paths if not path.is_file()]
+        if missing:
+            raise ConfigError("data.sources", f"{source!r}: no file {' nor '.join(missing)} (a Megatron dataset is "
+                                              "PATH_PREFIX.bin and PATH_PREFIX.idx)")
+        return [part]
     path = Path(source).expanduser()
     if not path.exists():
-        raise ConfigError("data.sources", f"{source!r} does not exist (nor is it 'stdlib' or 'hf:NAME[:CONFIG]')")
+        raise ConfigError("data.sources", f"{source!r} does not exist (nor is it 'stdlib', 'hf:NAME[:CONFIG]' or "
+                                          f"'{MEGATRON_PREFIX}PATH_PREFIX')")
     if path.is_file():
         if path.suffix in TEXT_SUFFIXES:
             return [TextFiles((path,))]
@@ -329,6 +447,60 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from exc
+
+
+def _jsonl_pieces(source: int, path: Path, piece_bytes: int) -> list[Piece]:
+    size = _file_size(path)
+    if not piece_bytes or size <= piece_bytes:
+        return [Piece(source, "jsonl", str(path), size=size)]
+    return [Piece(source, "jsonl", str(path), start, min(start + piece_bytes, size), min(piece_bytes, size - start))
+            for start in range(0, size, piece_bytes)]
+
+
+def _parquet_pieces(source: int, path: Path, piece_bytes: int) -> list[Piece]:
+    try:
+        metadata = pq.ParquetFile(path).metadata
+    except pa.ArrowException as exc:
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+    sizes = [metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)]
+    if not piece_bytes:
+        return [Piece(source, "parquet", str(path), size=sum(sizes))]
+    return [Piece(source, "parquet", str(path), start, stop, sum(sizes[start:stop]))
+            for start, stop in _cut(np.asarray(sizes, dtype=np.int64), piece_bytes)]
+
+
+def _hub_pieces(source: int, part: HubDataset, text_key: str, piece_bytes: int) -> list[Piece]:
+    if not piece_bytes:
+        return [Piece(source, "hub", part.label)]
+    table = _hub_text_table(part, text_key)
+    sizes = _row_bytes(table, text_key) if len(table) else np.zeros(0, dtype=np.int64)
+    return [Piece(source, "hub", part.label, start, stop, int(sizes[start:stop].sum()))
+            for start, stop in _cut(sizes, piece_bytes)]
+
+
+def _cut(sizes: np.ndarray, piece_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of items whose sizes add up to about `piece_bytes` (each range holds at least one)."""
+    ranges, start, total = [], 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if total and total + size > piece_bytes:
+            ranges.append((start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        ranges.append((start, len(sizes)))
+    return ranges
+
+
+def _hub_part(label: str) -> HubDataset:
+    name, _, config = label[3:].partition(":")
+    return HubDataset(name, config or None)
+
+
 def _check_hub(part: HubDataset) -> None:
     """Ask the hub about `part` once, with a short timeout, instead of letting `load_dataset` retry for half a
     minute. Offline, or for a local dataset folder, there is nothing to ask."""
@@ -355,29 +527,39 @@ def _load_hub(part: HubDataset, **kwargs) -> datasets.Dataset | datasets.Iterabl
         raise DataError(f"{part.label}: the hub could not be reached ({exc})") from exc
 
 
-def _text_field(row: dict, text_key: str, where: str) -> str | None:
-    """The row's text (None when it has none); anything but a string is an error naming the row."""
-    text = row.get(text_key)
-    if text is not None and not isinstance(text, str):
-        raise DataError(f"{where}: field {text_key!r} (data.text_key) holds {type(text).__name__} "
-                        f"{_shorten(repr(text))}, not a string")
-    return text
-
-
-def _text_column(table: datasets.Dataset, text_key: str, label: str) -> datasets.Dataset:
+def _hub_text_table(part: HubDataset, text_key: str) -> datasets.Dataset:
+    """The hub dataset (memory-mapped from the cache), checked to hold strings in `text_key`."""
+    table = _load_hub(part)
     if text_key not in table.column_names:
-        raise ConfigError("data.text_key", f"{label} has no column {text_key!r}; it has {table.column_names}")
+        raise ConfigError("data.text_key", f"{part.label} has no column {text_key!r}; it has {table.column_names}")
     feature = table.features[text_key]
     if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
         row = next((i for i, value in enumerate(table[text_key]) if value is not None), 0)
-        raise DataError(f"{label}: column {text_key!r} (data.text_key) holds {getattr(feature, 'dtype', feature)}, "
-                        f"not strings (row {row}: {_shorten(repr(table[row][text_key]))})")
-    table = table.select_columns([text_key])
-    if text_key != "text":
-        table = table.rename_column(text_key, "text")
-    if len(table) and _row_bytes(table).min() == 0:  # null or empty rows are no documents
-        table = table.filter(bool, input_columns="text", keep_in_memory=True)
-    return table if table.features == TEXT_FEATURES else table.cast(TEXT_FEATURES)
+        raise DataError(f"{part.label}: column {text_key!r} (data.text_key) holds "
+                        f"{getattr(feature, 'dtype', feature)}, not strings "
+                        f"(row {row}: {_shorten(repr(table[row][text_key]))})")
+    return table.select_columns([text_key])
+
+
+def _parquet_text_type(table: pq.ParquetFile, path: Path, text_key: str) -> pa.DataType:
+    schema = table.schema_arrow
+    if text_key not in schema.names:
+        raise ConfigError("data.text_key", f"{path} has no column {text_key!r}; it has {schema.names}")
+    return schema.field(text_key).type
+
+
+def _is_string(column_type: pa.DataType) -> bool:
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type) or (
+        pa.types.is_string_view(column_type))
+
+
+def _text_field(row: dict, text_key: str, where: Callable[[], str]) -> str | None:
+    """The row's text (None when it has none); anything but a string is an error naming the row."""
+    text = row.get(text_key)
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where()}: field {text_key!r} (data.text_key) holds {type(text).__name__} "
+                        f"{_shorten(repr(text))}, not a string")
+    return text
 
 
 def _text_dataset(texts: list[str]) -> datasets.Dataset:
@@ -401,10 +583,11 @@ def _shorten(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _cut_utf8(text: str, max_bytes: int) -> str:
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """The longest prefix of `text` of at most `max_bytes` UTF-8 bytes."""
     return text.encode()[:max_bytes].decode("utf-8", errors="ignore")
 
 
-def _row_bytes(table: datasets.Dataset) -> np.ndarray:
-    column = table.with_format("arrow")[:]["text"]
-    return pc.fill_null(pc.binary_length(column), 0).to_numpy()
+def _row_bytes(table: datasets.Dataset, column: str) -> np.ndarray:
+    values = table.with_format("arrow")[:][column]
+    return pc.fill_null(pc.binary_length(values), 0).to_numpy().astype(np.int64)

@@ -14,6 +14,7 @@ next-token targets, crossing document boundaries (the EOS tokens mark them).
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,7 @@ HEADER = struct.Struct("<8s5Q")  # magic, version, dtype code, vocab size, eos i
 DTYPES = {1: np.dtype(np.uint16), 2: np.dtype(np.uint32)}
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 WRITE_CHUNK_TOKENS = 1 << 20
+TMP_MARK = ".tmp-"  # in the name of a file being written
 
 
 class TokenFileError(DataError):
@@ -43,46 +45,72 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def write_tokens(path_prefix: str | Path, documents: Iterable[list[int] | np.ndarray], vocab_size: int,
                  eos_id: int) -> TokenFile:
     """Write documents (each followed by `eos_id`) to `PREFIX.bin` and their offsets to `PREFIX.idx`."""
-    dtype = token_dtype(vocab_size)
-    if not 0 <= eos_id < vocab_size:
-        raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
-    bin_path, idx_path = _paths(path_prefix)
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = (p.with_name(f"{p.name}.tmp-{os.getpid()}") for p in (bin_path, idx_path))
-    try:
-        offsets = _write_bin(tmp_bin, bin_path, documents, vocab_size, eos_id, dtype)
-        with open(tmp_idx, "wb") as out:
-            out.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[dtype], vocab_size, eos_id, len(offsets) - 1))
-            out.write(np.asarray(offsets, dtype=np.uint64).tobytes())
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
+    with TokenWriter(path_prefix, vocab_size, eos_id) as writer:
+        pending: list[np.ndarray] = []
+        pending_tokens = 0
+        for document in documents:
+            pending.append(np.asarray(document, dtype=np.int64).reshape(-1))
+            pending_tokens += pending[-1].size + 1
+            if pending_tokens >= WRITE_CHUNK_TOKENS:
+                writer.add(np.concatenate(pending), np.array([len(d) for d in pending]))
+                pending, pending_tokens = [], 0
+        if pending:
+            writer.add(np.concatenate(pending), np.array([len(d) for d in pending]))
     return TokenFile(path_prefix)
 
 
-def _write_bin(tmp_bin: Path, bin_path: Path, documents: Iterable[list[int] | np.ndarray], vocab_size: int,
-               eos_id: int, dtype: np.dtype) -> list[int]:
-    """Stream the documents with their EOS into `tmp_bin` in large chunks; return the document offsets."""
-    offsets = [0]
-    pending: list[np.ndarray] = []
-    pending_tokens = 0
-    with open(tmp_bin, "wb") as out:
-        for number, document in enumerate(documents):
-            ids = np.asarray(document, dtype=np.int64)
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                raise ValueError(f"document {number} holds token ids outside [0, {vocab_size}) "
-                                 f"(min {ids.min()}, max {ids.max()}) while writing {bin_path}")
-            pending.append(np.append(ids, eos_id).astype(dtype))
-            pending_tokens += ids.size + 1
-            offsets.append(offsets[-1] + ids.size + 1)
-            if pending_tokens >= WRITE_CHUNK_TOKENS:
-                out.write(np.concatenate(pending).tobytes())
-                pending, pending_tokens = [], 0
-        if pending:
-            out.write(np.concatenate(pending).tobytes())
-    return offsets
+class TokenWriter:
+    """Writes `PREFIX.bin` / `PREFIX.idx` a batch of documents at a time, into temporary files that are moved into
+    place when the `with` block ends without an error (and deleted when it ends with one)."""
+
+    def __init__(self, path_prefix: str | Path, vocab_size: int, eos_id: int):
+        if not 0 <= eos_id < vocab_size:
+            raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {vocab_size})")
+        self.vocab_size, self.eos_id, self.dtype = vocab_size, eos_id, token_dtype(vocab_size)
+        self.bin_path, self.idx_path = _paths(path_prefix)
+        self.num_documents = self.num_tokens = 0
+        self._ends: list[np.ndarray] = []  # token offset of the end of each document written
+
+    def __enter__(self) -> TokenWriter:
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_bin, self._tmp_idx = temporary_path(self.bin_path), temporary_path(self.idx_path)
+        self._out = open(self._tmp_bin, "wb")
+        return self
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents given back to back in `ids`, `lengths[i]` tokens each; each one is written followed by EOS."""
+        ends = np.cumsum(lengths, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            bad = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
+            number = self.num_documents + int(np.searchsorted(ends, bad, side="right"))
+            raise ValueError(f"document {number} holds token ids outside [0, {self.vocab_size}) (id {ids[bad]}) "
+                             f"while writing {self.bin_path}")
+        self._out.write(np.insert(ids.astype(self.dtype), ends, self.eos_id).tobytes())
+        self._ends.append(self.num_tokens + ends + np.arange(1, len(ends) + 1))
+        self.num_documents += len(ends)
+        self.num_tokens += int(ids.size) + len(ends)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._out.close()
+        try:
+            if exc_type is None:
+                with open(self._tmp_idx, "wb") as out:
+                    out.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], self.vocab_size, self.eos_id,
+                                          self.num_documents))
+                    out.write(np.zeros(1, dtype=np.uint64).tobytes())
+                    for ends in self._ends:
+                        out.write(ends.astype(np.uint64).tobytes())
+                os.replace(self._tmp_bin, self.bin_path)
+                os.replace(self._tmp_idx, self.idx_path)
+        finally:
+            self._tmp_bin.unlink(missing_ok=True)
+            self._tmp_idx.unlink(missing_ok=True)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where to write `path` before moving it into place: unique to this process on this machine (several machines
+    may prepare shards in one shared folder)."""
+    return path.with_name(f"{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
 class TokenFile:
@@ -92,6 +120,10 @@ class TokenFile:
         self.bin_path, self.idx_path = _paths(path_prefix)
         for path in (self.bin_path, self.idx_path):
             if not path.is_file():
+                split = Path(str(path_prefix))
+                if (split.parent / f"{split.name}.runs.npy").is_file():  # a caller of the one-file layout
+                    raise TokenFileError(f"{path}: no such token file: {split.parent} holds sharded splits; read "
+                                         f"them with moe_lm.data.open_split({str(split.parent)!r}, {split.name!r})")
                 raise TokenFileError(f"{path}: no such token file (run prepare-data first)")
         raw = self.idx_path.read_bytes()
         if len(raw) < HEADER.size:
@@ -120,6 +152,10 @@ class TokenFile:
                         else np.empty(0, dtype=self.dtype))
 
     @property
+    def label(self) -> str:
+        return str(self.bin_path)
+
+    @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
 
@@ -141,7 +177,10 @@ class TokenFile:
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Sample i = tokens[i*seq_len : (i+1)*seq_len + 1], split into (input_ids, targets) of `seq_len` each."""
+    """Sample i = tokens[i*seq_len : (i+1)*seq_len + 1], split into (input_ids, targets) of `seq_len` each.
+
+    `token_file` is a `TokenFile` or any token stream with `num_tokens`, `tokens(start, stop)` and `label` (a split of
+    a prepared folder: `stream.TokenStream`)."""
 
     def __init__(self, token_file: TokenFile, seq_len: int):
         if seq_len < 1:
@@ -149,7 +188,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.token_file = token_file
         self.seq_len = seq_len
         if len(self) == 0:
-            raise ValueError(f"{token_file.bin_path} holds {token_file.num_tokens} tokens: a sequence of "
+            raise ValueError(f"{token_file.label} holds {token_file.num_tokens} tokens: a sequence of "
                              f"{seq_len} needs at least {seq_len + 1}")
 
     def __len__(self) -> int:

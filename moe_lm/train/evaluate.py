@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moe_lm.data import PackedDataset, TokenFile, make_batch
+from moe_lm.data import PackedDataset, make_batch, open_split
 from moe_lm.export import config_from_dict, consolidated_state_dict
 from moe_lm.metrics import RoutingTracker
 from moe_lm.model.transformer import MoETransformer
@@ -64,7 +64,7 @@ def sweep(checkpoint: str | Path, alphas: list[float], taus: list[float], max_ex
     if not all(hasattr(r, "set_alpha") and hasattr(r, "set_eval_threshold") for r in routers):
         raise ValueError(f"router {cfg.model.moe.router.name!r} has no post-hoc knobs (set_alpha, set_eval_threshold); "
                          "the sweep needs a router such as grmoe")
-    data = PackedDataset(TokenFile(Path(data_dir or cfg.data.dir) / "val"), cfg.model.seq_len)
+    data = PackedDataset(open_split(Path(data_dir or cfg.data.dir), "val"), cfg.model.seq_len)
     k_max = max_experts or cfg.model.moe.top_k
     for layer in model.moe_layers():
         layer.gate.record_always = True

@@ -28,8 +28,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from tqdm import tqdm
 
 from moe_lm.config import Config, ConfigError, to_dict, to_yaml
-from moe_lm.data import PackedDataset, ResumableSampler, TokenFile, make_batch, prepare_data, rank_slice
-from moe_lm.data.prepare import load_meta, unigram_perplexity
+from moe_lm.data import make_batch, open_training_data, prepare_training_data, rank_slice
 from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops, read_wandb_id
 from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
@@ -91,18 +90,15 @@ class Trainer:
             weakref.finalize(self, self.run_lock.release)
 
         if self.is_main:
-            prepare_data(cfg.data, cfg.model.seq_len, progress=self.progress)
+            prepare_training_data(cfg.data, cfg.model.seq_len, progress=self.progress)  # data.dir, or data.blend
         dist.barrier()
-        self.meta = load_meta(cfg.data.dir)
-        if self.meta["vocab_size"] > cfg.model.vocab_size:
+        self.data = open_training_data(cfg.data, cfg.model.seq_len, cfg.train.seed)
+        if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < the tokenizer's vocabulary "
-                              f"{self.meta['vocab_size']} in {cfg.data.dir}")
-        data_dir = Path(cfg.data.dir)
-        self.train_data = PackedDataset(TokenFile(data_dir / "train"), cfg.model.seq_len)
-        self.val_data = PackedDataset(TokenFile(data_dir / "val"), cfg.model.seq_len)
-        self.sampler = ResumableSampler(len(self.train_data), cfg.train.seed)
-        val_samples = cfg.train.eval_batches * cfg.train.micro_batch_size * self.world
-        self.val_ids = [i % len(self.val_data) for i in range(val_samples)]  # a fixed prefix, wrapped if short
+                              f"{self.data.vocab_size} of the training data")
+        self.train_data, self.sampler = self.data.train, self.data.sampler
+        # fixed (source, sample ids) batches: a prefix of each source's validation split, wrapped if short
+        self.val_batches = self.data.validation_batches(cfg.train.eval_batches, cfg.train.micro_batch_size * self.world)
 
         torch.manual_seed(cfg.train.seed)  # identical dense/router init on every rank
         ep_rank = self.rank % cfg.parallel.ep_size  # DeepSpeed's default topology: EP groups of consecutive ranks
@@ -271,22 +267,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss over a fixed prefix of the validation split; every rank runs the same number of batches, so the
-        MoE all-to-alls stay matched."""
-        t = self.cfg.train
+        """Loss over fixed validation batches; every rank runs the same batches, so the MoE all-to-alls stay matched.
+        With a blend each batch holds one source, and each source's loss is logged too (`val/<source>/loss`)."""
         self.engine.eval()
-        sums = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss·tokens, tokens
-        per_batch = t.micro_batch_size * self.world
-        for b in range(t.eval_batches):
-            ids = self.val_ids[b * per_batch:(b + 1) * per_batch]
-            inputs, targets = make_batch(self.val_data, rank_slice(ids, self.rank, self.world))
+        sums = torch.zeros(len(self.data.val), 2, device=self.device, dtype=torch.float64)  # loss·tokens, tokens
+        for source, ids in self.val_batches:
+            inputs, targets = make_batch(self.data.val[source].dataset, rank_slice(ids, self.rank, self.world))
             _, lm_loss, _ = self.engine(inputs.to(self.device), targets.to(self.device))
             tokens = torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device)
-            sums += torch.stack([lm_loss.double() * tokens, tokens])
+            sums[source] += torch.stack([lm_loss.double() * tokens, tokens])
         self.engine.train()
         dist.all_reduce(sums)
-        loss = (sums[0] / sums[1]).item()
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        loss = (sums[:, 0].sum() / sums[:, 1].sum()).item()
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        if len(self.data.val) > 1:
+            per_source = (sums[:, 0] / sums[:, 1]).tolist()
+            metrics.update({f"val/{val.name}/loss": value for val, value in zip(self.data.val, per_source)})
+        return metrics
 
     def _diagnostics(self) -> dict[str, float]:
         """Routers' costly measurements: scalars averaged over MoE layers; per-layer and per-expert values (keys
@@ -401,10 +398,9 @@ class Trainer:
         return due
 
     def _unigram_ppl(self) -> float:
-        """Perplexity of the train-set unigram distribution on exactly the validation tokens scored above."""
-        train_tokens = self.train_data.token_file.tokens(0, self.train_data.token_file.num_tokens)
-        val_targets = make_batch(self.val_data, self.val_ids)[1].flatten().numpy()
-        return unigram_perplexity(train_tokens, val_targets, self.meta["vocab_size"])
+        """Perplexity of the training unigram distribution on exactly the validation tokens scored above, from the
+        token counts stored at preparation: no pass over the training set."""
+        return self.data.unigram_perplexity(self.val_batches)
 
     def _finish(self, val: dict[str, float]) -> dict:
         val = val or self.evaluate()  # resumed from a checkpoint of the last step: nothing was trained here

@@ -6,7 +6,7 @@ import pytest
 
 from moe_lm.config.schema import ConfigError, DataConfig
 from moe_lm.data import corpus
-from moe_lm.data.corpus import ReadReport, load_corpus, stdlib_files
+from moe_lm.data.corpus import ReadReport, load_corpus, plan_pieces, read_pieces, stdlib_files
 from moe_lm.data.errors import DataError
 
 LATIN1_TEXT = "café crème brûlée"  # three bytes that are not UTF-8 once encoded as latin-1
@@ -190,3 +190,39 @@ def test_an_unreachable_hub_fails_before_any_download_is_tried(monkeypatch):
 
     with pytest.raises(DataError, match="hf:org/wiki: the hub at .* is unreachable .*Network is unreachable"):
         load_corpus(DataConfig(sources=["hf:org/wiki"]))
+
+
+def test_a_large_jsonl_file_is_cut_at_line_starts_without_losing_or_repeating_a_row(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    rows = [{"text": f"row {i} " + "x" * (i % 17)} for i in range(200)]
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = DataConfig(sources=[str(jsonl)])
+
+    whole = [text for _, text in read_pieces(cfg, plan_pieces(cfg), ReadReport())]
+    for piece_bytes in (1, 29, 30, 31, 1000):
+        pieces = plan_pieces(cfg, piece_bytes)
+        assert len(pieces) == -(-jsonl.stat().st_size // piece_bytes)
+        assert [text for _, text in read_pieces(cfg, pieces, ReadReport())] == whole == [r["text"] for r in rows]
+
+
+def test_a_bad_line_in_a_later_piece_is_named_by_its_line_number(tmp_path):
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50)) + "{broken\n")
+    cfg = DataConfig(sources=[str(jsonl)])
+
+    with pytest.raises(DataError, match="rows.jsonl:51: not valid JSON"):
+        list(read_pieces(cfg, plan_pieces(cfg, 64)[-1:], ReadReport()))
+
+
+def test_parquet_row_groups_and_hub_rows_are_cut_into_pieces(tmp_path, monkeypatch):
+    parquet = tmp_path / "rows.parquet"
+    texts = [f"document {i} " * (1 + i % 5) for i in range(40)]
+    pq.write_table(pa.table({"text": texts}), parquet, row_group_size=3)
+    monkeypatch.setattr(corpus.datasets, "load_dataset",
+                        lambda name, config, split: corpus.datasets.Dataset.from_dict({"text": texts}))
+    cfg = DataConfig(sources=[str(parquet), "hf:org/rows"])
+
+    pieces = plan_pieces(cfg, 100)
+
+    assert {p.kind for p in pieces} == {"parquet", "hub"} and len(pieces) > 8
+    assert [text for _, text in read_pieces(cfg, pieces, ReadReport())] == texts + texts

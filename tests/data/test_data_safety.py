@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from moe_lm.config.schema import ConfigError
-from moe_lm.data import prepare
-from moe_lm.data.indexed import TokenFile
+from moe_lm.data import prepare, shards
+from moe_lm.data.indexed import TMP_MARK
 from moe_lm.data.prepare import load_meta, prepare_data
+from moe_lm.data.stream import open_split
 from tests.data.test_prepare import data_config, decoded_documents, write_corpus
 
 WRITING_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.chmod", "os.utime",
@@ -133,12 +134,14 @@ def test_a_failed_rebuild_leaves_the_previous_data_in_place(tmp_path, monkeypatc
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prepare, "write_tokens", disk_full)
+    monkeypatch.setattr(shards.TokenWriter, "add", disk_full)
     with pytest.raises(ValueError, match=f"cannot build the prepared data in {data_dir}: .*No space left"):
         prepare_data(dataclasses.replace(cfg, vocab_size=280), progress=False)
 
     assert load_meta(data_dir) == first_meta and all_documents(data_dir) == first_documents
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "corpus", "data"]  # the partial build is gone
+    # the partial build stays for a resume, without the files the failure left half-written
+    partial = tmp_path / ".data.partial"
+    assert not any(TMP_MARK in p.name for p in partial.rglob("*")) and not (partial / "train-00000.bin").exists()
 
 
 def test_a_swap_interrupted_between_its_renames_is_undone(tmp_path, monkeypatch):
@@ -147,7 +150,7 @@ def test_a_swap_interrupted_between_its_renames_is_undone(tmp_path, monkeypatch)
     first_meta = load_meta(data_dir)
     os.replace(data_dir, tmp_path / ".data.previous")  # the state a crash after the first rename leaves
 
-    monkeypatch.setattr(prepare, "_build", lambda *args: pytest.fail("the restored data is current: no rebuild"))
+    monkeypatch.setattr(prepare, "_open_partial", lambda *args: pytest.fail("the restored data is current: no rebuild"))
     assert load_meta(prepare_data(cfg, progress=False)) == first_meta
     assert not (tmp_path / ".data.previous").exists()
 
@@ -162,19 +165,19 @@ def test_complete_current_data_is_used_without_writing(tmp_path):
 
     assert writes == []
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == files
-    assert TokenFile(data_dir / "train").num_tokens == load_meta(data_dir)["train"]["tokens"]
+    assert open_split(data_dir, "train").num_tokens == load_meta(data_dir)["train"]["tokens"]
 
 
 def test_a_truncated_token_file_is_rebuilt(tmp_path):
     cfg = data_config(tmp_path)
     data_dir = prepare_data(cfg, progress=False)
-    tokens = TokenFile(data_dir / "train").tokens(0, 100).copy()
-    with open(data_dir / "train.bin", "r+b") as token_file:
+    tokens = open_split(data_dir, "train").tokens(0, 100).copy()
+    with open(data_dir / "train-00000.bin", "r+b") as token_file:
         token_file.truncate(10)
 
     prepare_data(cfg, progress=False)
 
-    assert (TokenFile(data_dir / "train").tokens(0, 100) == tokens).all()
+    assert (open_split(data_dir, "train").tokens(0, 100) == tokens).all()
 
 
 def test_a_gone_source_falls_back_to_the_data_prepared_from_it(tmp_path):

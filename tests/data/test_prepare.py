@@ -6,8 +6,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from moe_lm.config.schema import ConfigError, DataConfig
-from moe_lm.data.indexed import PackedDataset, TokenFile
-from moe_lm.data.prepare import load_meta, prepare_data, split_corpus, unigram_perplexity
+from moe_lm.data.indexed import PackedDataset
+from moe_lm.data.prepare import (load_meta, prepare_data, split_corpus, unigram_perplexity,
+                                 unigram_perplexity_from_counts)
+from moe_lm.data.stream import open_split
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -27,8 +29,8 @@ def data_config(tmp_path, **overrides):
 
 def decoded_documents(data_dir, split):
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
-    token_file = TokenFile(data_dir / split)
-    return [tokenizer.decode(token_file.document(i).tolist()) for i in range(token_file.num_documents)]
+    stream = open_split(data_dir, split)
+    return [tokenizer.decode(stream.document(i).tolist()) for i in range(stream.num_documents)]
 
 
 def test_prepare_writes_splits_that_decode_to_the_corpus(tmp_path):
@@ -39,12 +41,13 @@ def test_prepare_writes_splits_that_decode_to_the_corpus(tmp_path):
     corpus = [p.read_text() for p in sorted((tmp_path / "corpus").iterdir())]
 
     assert sorted(train + val) == sorted(corpus) and train and val
-    assert meta["train"] == {"documents": len(train), "tokens": TokenFile(data_dir / "train").num_tokens}
+    assert meta["train"] == {"documents": len(train), "tokens": open_split(data_dir, "train").num_tokens}
     assert meta["vocab_size"] == len(AutoTokenizer.from_pretrained(data_dir / "tokenizer")) <= 300
     assert meta["bytes"] == sum(len(text.encode()) for text in corpus)
-    assert meta["sources"] == cfg.sources and TokenFile(data_dir / "val").eos_id == meta["eos_id"]
+    assert meta["sources"] == cfg.sources and open_split(data_dir, "val").eos_id == meta["eos_id"]
     assert sorted(p.name for p in data_dir.iterdir()) == [
-        "meta.json", "tokenizer", "train.bin", "train.idx", "val.bin", "val.idx"]
+        "meta.json", "shards", "tokenizer", "train-00000.bin", "train-00000.idx", "train.counts.npy", "train.runs.npy",
+        "val-00000.bin", "val-00000.idx", "val.runs.npy"]
     assert meta["files"] == {p.relative_to(data_dir).as_posix(): p.stat().st_size for p in data_dir.rglob("*")
                              if p.is_file() and p.name != "meta.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data.lock", "corpus", "data"]  # no build folder left
@@ -54,15 +57,15 @@ def test_prepare_is_idempotent(tmp_path):
     cfg = data_config(tmp_path)
     data_dir = prepare_data(cfg, progress=False)
     first_meta = load_meta(data_dir)
-    zeros = bytes((data_dir / "train.bin").stat().st_size)
-    (data_dir / "train.bin").write_bytes(zeros)  # a rebuild would overwrite this; a cached call must not read it
+    zeros = bytes((data_dir / "train-00000.bin").stat().st_size)
+    (data_dir / "train-00000.bin").write_bytes(zeros)  # a rebuild would overwrite this; a cached call must not read it
 
     assert prepare_data(cfg, progress=False) == data_dir
-    assert load_meta(data_dir) == first_meta and (data_dir / "train.bin").read_bytes() == zeros
+    assert load_meta(data_dir) == first_meta and (data_dir / "train-00000.bin").read_bytes() == zeros
 
     rebuilt = load_meta(prepare_data(DataConfig(**(vars(cfg) | {"vocab_size": 280})), progress=False))
     assert rebuilt["fingerprint"] != first_meta["fingerprint"] and rebuilt["vocab_size"] <= 280
-    assert TokenFile(data_dir / "train").num_tokens == rebuilt["train"]["tokens"]
+    assert open_split(data_dir, "train").num_tokens == rebuilt["train"]["tokens"]
 
 
 def test_val_split_is_stable(tmp_path):
@@ -89,8 +92,8 @@ def test_prepare_uses_an_existing_tokenizer(tmp_path):
     reused_dir = prepare_data(reuse, progress=False)
 
     assert load_meta(reused_dir)["vocab_size"] == load_meta(data_dir)["vocab_size"]
-    assert np.array_equal(TokenFile(reused_dir / "val").tokens(0, TokenFile(reused_dir / "val").num_tokens),
-                          TokenFile(data_dir / "val").tokens(0, TokenFile(data_dir / "val").num_tokens))
+    reused_val, val = open_split(reused_dir, "val"), open_split(data_dir, "val")
+    assert np.array_equal(reused_val.tokens(0, reused_val.num_tokens), val.tokens(0, val.num_tokens))
 
 
 def test_prepare_rejects_a_val_split_shorter_than_one_sequence(tmp_path):
@@ -99,7 +102,7 @@ def test_prepare_rejects_a_val_split_shorter_than_one_sequence(tmp_path):
 
     with pytest.raises(ConfigError, match="data.val_fraction"):
         prepare_data(cfg, seq_len=val_tokens, progress=False)
-    assert len(PackedDataset(TokenFile(tmp_path / "data" / "val"), seq_len=val_tokens - 1)) == 1
+    assert len(PackedDataset(open_split(tmp_path / "data", "val"), seq_len=val_tokens - 1)) == 1
 
 
 def test_missing_tokenizer_folder_names_the_key(tmp_path):
@@ -116,6 +119,7 @@ def test_unigram_perplexity_matches_the_smoothed_counts():
     expected = math.exp(-np.log(probabilities).mean())
     assert unigram_perplexity(train, val, vocab_size=3) == pytest.approx(expected)
     assert unigram_perplexity(train, np.array([0, 0]), 3) < unigram_perplexity(train, np.array([2, 2]), 3)
+    assert unigram_perplexity_from_counts(np.array([3, 1, 0]), val) == unigram_perplexity(train, val, vocab_size=3)
 
 
 

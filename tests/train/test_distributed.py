@@ -122,10 +122,10 @@ def metrics_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def test_the_tiny_run_crosses_an_epoch_and_wraps_the_validation_split(layout_runs):
-    from moe_lm.data.indexed import PackedDataset, TokenFile
+    from moe_lm.data import PackedDataset, open_split
 
-    train = PackedDataset(TokenFile(layout_runs / "data" / "train"), 32)
-    val = PackedDataset(TokenFile(layout_runs / "data" / "val"), 32)
+    train = PackedDataset(open_split(layout_runs / "data", "train"), 32)
+    val = PackedDataset(open_split(layout_runs / "data", "val"), 32)
     assert len(train) < MAX_STEPS * GLOBAL_BATCH  # the last steps draw from the second epoch
     assert len(val) < EVAL_BATCHES * GLOBAL_BATCH  # the fixed validation prefix wraps around
 
