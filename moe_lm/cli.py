@@ -3,10 +3,13 @@
     moe-lm prepare-data recipes/quickstart.yaml
     moe-lm train recipes/quickstart.yaml train.max_steps=100 model.moe.router.name=mpi
     moe-lm train recipes/quickstart.yaml train.resume=auto        # continue from the newest complete checkpoint
-    moe-lm export runs/quickstart/checkpoints/step_00000300 --out quickstart.safetensors
-    moe-lm info recipes/350m_e8.yaml
+    moe-lm export runs/quickstart --hf exports/quickstart       # a transformers folder (AutoModelForCausalLM)
+    moe-lm generate runs/quickstart --prompt "def main("
+    moe-lm eval runs/quickstart                                   # validation perplexity -> RUN_DIR/eval.json
+    moe-lm eval runs/quickstart_grmoe --sweep                     # alpha/tau sweep, no retraining
+    moe-lm info recipes/350m_e8.yaml --gpus 8                     # parameters, FLOPs, memory per GPU
+    moe-lm config recipes/quickstart.yaml model.moe.top_k=1       # the resolved recipe
     moe-lm compare runs/a runs/b --out runs/compare
-    moe-lm eval runs/quickstart_grmoe --out runs/quickstart_grmoe/sweep      # alpha/tau sweep, no retraining
 """
 
 from __future__ import annotations
@@ -159,38 +162,86 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from moe_lm.export import export_checkpoint
+    from moe_lm.export.hf import ExportError, export_hf
+    from moe_lm.train.checkpoint import CheckpointError
+    from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
+
+    if (args.out is None) == (args.hf is None):
+        sys.exit("moe-lm: export: give --out FILE (one safetensors file) or --hf DIR (a transformers folder)")
+    try:
+        check_checkpoint_source(args.checkpoint)
+        if args.hf is None:
+            print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+            return
+        result = export_hf(args.checkpoint, args.hf, args.layout, args.tokenizer)
+    except (CheckpointError, RunDirError, ExportError) as exc:
+        sys.exit(f"moe-lm: export: {exc}")
+    if result.layout == "mixtral":
+        print(f"wrote {result.path}: MixtralForCausalLM, loads with AutoModelForCausalLM.from_pretrained")
+    else:
+        print(f"wrote {result.path}: moe-lm modeling code, loads with AutoModelForCausalLM.from_pretrained(..., "
+              f"trust_remote_code=True) (not a Mixtral: {'; '.join(result.not_mixtral)})")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from moe_lm.export.hf import ExportError
+    from moe_lm.generate import generate, is_hf_folder
     from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     try:
-        check_checkpoint_source(args.checkpoint)
-        out = export_checkpoint(args.checkpoint, args.out)
-    except (CheckpointError, RunDirError) as exc:
-        sys.exit(f"moe-lm: export: {exc}")
-    print(f"wrote {out}")
+        if not is_hf_folder(args.source):
+            check_checkpoint_source(args.source)
+        generate(args.source, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                 tokenizer=args.tokenizer)
+    except (CheckpointError, RunDirError, ExportError, ValueError) as exc:
+        sys.exit(f"moe-lm: generate: {exc}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from moe_lm.train.checkpoint import CheckpointError
-    from moe_lm.train.evaluate import sweep
+    from moe_lm.train.evaluate import evaluate, run_dir_of, sweep
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     try:
         check_checkpoint_source(args.checkpoint)
-        sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples, args.out, args.data_dir)
-    except (CheckpointError, RunDirError) as exc:
+        if args.sweep:
+            out = args.out or run_dir_of(args.checkpoint) / "sweep"
+            sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples or 256, out, args.data_dir)
+            print(f"wrote {out}/sweep.csv, sweep.json and ppl_vs_active_experts.png")
+            return
+        out = args.out or run_dir_of(args.checkpoint)
+        report = evaluate(args.checkpoint, out, args.text, args.samples, args.data_dir, args.dropless)
+    except (CheckpointError, RunDirError, ValueError) as exc:  # ValueError: DataError, a router without knobs
         sys.exit(f"moe-lm: eval: {exc}")
-    print(f"wrote {args.out}/sweep.csv, sweep.json and ppl_vs_active_experts.png")
+    _print_table(f"{report['router']} on {report['data']}: {out}/eval.json", [
+        ("perplexity", f"{report['perplexity']:.3f}"), ("loss", f"{report['loss']:.4f}"),
+        ("tokens", f"{report['tokens']:,}"), ("dropless", str(report["dropless"])),
+        ("active experts per token", f"{report['active_experts']:.3f}"),
+        ("token routing entropy", f"{report['token_entropy']:.3f}")])
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from moe_lm.config import to_yaml
+
+    print(to_yaml(load_config(args.recipe, args.overrides)), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from moe_lm.config.describe import RecipeHelpAction, version_string
+
     parser = argparse.ArgumentParser(prog="moe-lm", description="Mixture-of-Experts LM pretraining for router research")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in [("train", cmd_train, "train a recipe"),
                                   ("prepare-data", cmd_prepare_data, "tokenizer + token files for a recipe's data"),
                                   ("info", cmd_info, "parameter and FLOP counts and memory per GPU of a recipe "
-                                                     "(nothing allocated)")]:
-        p = sub.add_parser(name, help=help_text)
+                                                     "(nothing allocated)"),
+                                  ("config", cmd_config, "print the resolved recipe as YAML (includes, overrides and "
+                                                         "defaults merged)")]:
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("-h", "--help", action=RecipeHelpAction,
+                       help="show this help and every recipe key with its type, default and meaning")
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.set_defaults(func=func)
@@ -209,20 +260,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories, or wandb run paths entity/project/run_id (online runs)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("export", help="a checkpoint's model weights as one safetensors file (experts by global id)")
+    p = sub.add_parser("export", help="a checkpoint as one safetensors file (--out) or a transformers folder (--hf)")
     p.add_argument("checkpoint", help="a checkpoint directory (RUN_DIR/checkpoints/step_N), or a run or checkpoints "
                                       "directory for its newest complete checkpoint")
-    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument("--out", default=None, help="output file, e.g. model.safetensors (experts by global id)")
+    p.add_argument("--hf", default=None, metavar="OUT_DIR",
+                   help="output folder that transformers' AutoModelForCausalLM and AutoTokenizer load "
+                        "(docs/after-training.md)")
+    p.add_argument("--layout", choices=["auto", "mixtral", "moe_lm"], default="auto",
+                   help="with --hf: mixtral (MixtralForCausalLM, no remote code), moe_lm (its own modeling code, "
+                        "trust_remote_code=True) or auto (mixtral when the recipe fits)")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --hf: tokenizer folder (default: the run's data.dir/tokenizer)")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("eval", help="sweep a checkpoint's post-hoc routing knobs (grmoe: alpha, tau)")
+    p = sub.add_parser("generate", help="stream text from a run (through its transformers export) or an --hf export")
+    p.add_argument("source", help="a run, checkpoints or step_N folder, or a folder written by export --hf")
+    p.add_argument("--prompt", required=True, help="text the model continues")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy decoding")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder for a run (default: its data.dir/tokenizer)")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("eval", help="perplexity of a checkpoint (any router), or --sweep of its post-hoc routing knobs")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest complete checkpoint)")
-    p.add_argument("--out", required=True, help="output directory for sweep.csv, sweep.json and the plot")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16])
-    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9],
-                   help="mass thresholds of the dispatch (0 = top-k)")
-    p.add_argument("--max-experts", type=int, default=None, help="cap k_max of threshold dispatch (default top_k)")
-    p.add_argument("--samples", type=int, default=256, help="validation sequences per setting")
+    p.add_argument("--out", default=None, help="output directory (default: the run directory for eval.json, "
+                                               "RUN_DIR/sweep for --sweep)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on instead of the validation split")
+    p.add_argument("--dropless", action="store_true", help="no expert capacity limit (as the transformers export)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="sequences to evaluate (default: all; with --sweep: 256 per setting)")
     p.add_argument("--data-dir", default=None, help="prepared data (default: the checkpoint's data.dir)")
+    p.add_argument("--sweep", action="store_true", help="sweep grmoe's alpha and tau (sweep.csv, sweep.json, plot)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16], help="with --sweep")
+    p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9],
+                   help="with --sweep: mass thresholds of the dispatch (0 = top-k)")
+    p.add_argument("--max-experts", type=int, default=None,
+                   help="with --sweep: cap k_max of threshold dispatch (default top_k)")
     p.set_defaults(func=cmd_eval)
     return parser
 

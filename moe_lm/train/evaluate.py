@@ -1,29 +1,77 @@
-"""`moe-lm eval`: a trained checkpoint evaluated under a grid of post-hoc routing knobs, without retraining.
+"""`moe-lm eval`: a trained checkpoint evaluated in one process on the consolidated weights (every expert local),
+so any training layout can be evaluated, for every router.
 
-For routers with a sharpness knob (`set_alpha`, e.g. grmoe's α in g^(α) = softmax(α·s)) and a mass-threshold
-dispatch (`set_eval_threshold`: the smallest set of experts holding mass τ, at most k_max), each (α, τ) setting
-gets the validation perplexity, routing entropy, top-k mass, mean active experts per token and tokens/s, written
-to `OUT/sweep.csv`, `OUT/sweep.json` and the Pareto plot `OUT/ppl_vs_active_experts.png`.
-Runs in one process on the consolidated checkpoint (every expert local), so any training layout can be swept.
+- `evaluate` (`moe-lm eval RUN_DIR [--text FILE]`): perplexity on the run's validation split, or on a text file
+  tokenized with the run's tokenizer, plus the routing metrics of that pass (mean active experts, routing entropy,
+  top-k mass), written to `OUT/eval.json` (OUT: the run folder by default). The model routes as configured, capacity
+  included, like the trainer's validation; `dropless` lifts the capacity limit, as in the transformers export.
+- `sweep` (`moe-lm eval RUN_DIR --sweep`): for routers with a sharpness knob (`set_alpha`, e.g. grmoe's α in
+  g^(α) = softmax(α·s)) and a mass-threshold dispatch (`set_eval_threshold`: the smallest set of experts holding
+  mass τ, at most k_max), each (α, τ) setting gets the validation perplexity, routing entropy, top-k mass, mean active
+  experts per token and tokens/s, written to `OUT/sweep.csv`, `OUT/sweep.json` and the Pareto plot
+  `OUT/ppl_vs_active_experts.png`, without retraining.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from moe_lm.data import PackedDataset, make_batch, open_split
+from moe_lm.data import PackedDataset, load_tokenizer, make_batch, open_split
 from moe_lm.export import config_from_dict, consolidated_state_dict
 from moe_lm.metrics import RoutingTracker
 from moe_lm.model.transformer import MoETransformer
 
 SWEEP_COLUMNS = ("alpha", "tau", "max_experts", "val_loss", "val_ppl", "active_experts", "token_entropy",
                  "topk_mass", "effective_experts", "tokens_per_s")
+
+
+class TokenWindows:
+    """`PackedDataset`'s windows over one token sequence held in memory (a text file): window i is tokens
+    [i·S, (i+1)·S + 1]; a sequence shorter than S + 1 tokens is one shorter window. Tokens past the last whole
+    window are not evaluated."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        if len(tokens) < 2:
+            raise ValueError(f"{len(tokens)} token(s): perplexity needs at least 2")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(1, (len(self.tokens) - 1) // self.seq_len)
+
+    def window(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        return self.tokens[i * self.seq_len:(i + 1) * self.seq_len + 1]
+
+
+def validation_data(data_dir: str | Path, seq_len: int) -> PackedDataset:
+    """The validation split of a prepared folder, packed into sequences as in training."""
+    return PackedDataset(open_split(data_dir, "val"), seq_len)
+
+
+def text_windows(path: str | Path, tokenizer_dir: str | Path, seq_len: int) -> TokenWindows:
+    """The text file at `path` as one document (its tokens, then the eos token), in windows of `seq_len`."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
+    return TokenWindows(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int64), seq_len)
+
+
+def run_dir_of(checkpoint: str | Path) -> Path:
+    """The run folder of a run, checkpoints or `step_N` folder (where `moe-lm eval` writes by default)."""
+    path = Path(checkpoint)
+    if path.parent.name == "checkpoints":  # RUN_DIR/checkpoints/step_N
+        return path.parent.parent
+    if path.name == "checkpoints":
+        return path.parent
+    return path
 
 
 def load_model(checkpoint: str | Path) -> tuple[MoETransformer, object]:
@@ -35,9 +83,18 @@ def load_model(checkpoint: str | Path) -> tuple[MoETransformer, object]:
     return model.eval(), cfg
 
 
+def make_dropless(model: MoETransformer) -> MoETransformer:
+    """Lift every MoE layer's capacity limit (`model.moe.drop_tokens=false`): each token reaches all its experts, as
+    in the transformers export."""
+    for layer in model.moe_layers():
+        layer.moe_cfg = dataclasses.replace(layer.moe_cfg, drop_tokens=False)
+    return model
+
+
 @torch.no_grad()
-def evaluate_setting(model: MoETransformer, data: PackedDataset, num_samples: int, batch_size: int) -> dict[str, float]:
-    """Loss over the first `num_samples` validation sequences and the routing metrics of that pass."""
+def evaluate_setting(model: MoETransformer, data: PackedDataset | TokenWindows, num_samples: int,
+                     batch_size: int) -> dict[str, float]:
+    """Loss over the first `num_samples` sequences of `data` and the routing metrics of that pass."""
     layers = model.moe_layers()
     tracker = RoutingTracker(len(layers), model.cfg.moe.num_experts)
     loss_sum = tokens = 0.0
@@ -57,6 +114,39 @@ def evaluate_setting(model: MoETransformer, data: PackedDataset, num_samples: in
             "effective_experts": routing["moe/effective_experts"], "tokens_per_s": tokens / seconds}
 
 
+def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, text: str | Path | None = None,
+             num_samples: int | None = None, data_dir: str | None = None, dropless: bool = False,
+             batch_size: int | None = None) -> dict:
+    """Perplexity and routing metrics of a checkpoint (any router) on its validation split, or on the text file
+    `text`; written to `out_dir`/eval.json (default: the run folder) and returned.
+
+    `num_samples`: sequences of model.seq_len tokens to evaluate (default: all of them). `data_dir`: the prepared
+    data folder (default: the run's data.dir), whose val split and tokenizer are used.
+    """
+    model, cfg = load_model(checkpoint)
+    if dropless:
+        make_dropless(model)
+    data_dir = Path(data_dir or cfg.data.dir)
+    if text is None:
+        data = validation_data(data_dir, cfg.model.seq_len)
+    else:
+        data = text_windows(text, data_dir / "tokenizer", cfg.model.seq_len)
+    samples = len(data) if num_samples is None else min(num_samples, len(data))
+    for layer in model.moe_layers():
+        layer.gate.record_always = True
+    result = evaluate_setting(model, data, samples, batch_size or cfg.train.micro_batch_size)
+    report = {"checkpoint": str(checkpoint), "router": cfg.model.moe.router.name,
+              "data": str(text) if text is not None else str(data_dir / "val"), "samples": samples,
+              "tokens": samples * (len(data.window(0)) - 1), "dropless": dropless or not cfg.model.moe.drop_tokens,
+              "loss": result["val_loss"], "perplexity": result["val_ppl"],
+              **{k: result[k] for k in ("active_experts", "token_entropy", "topk_mass", "effective_experts",
+                                        "tokens_per_s")}}
+    out_dir = Path(out_dir) if out_dir is not None else run_dir_of(checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def sweep(checkpoint: str | Path, alphas: list[float], taus: list[float], max_experts: int | None,
           num_samples: int, out_dir: str | Path, data_dir: str | None = None) -> list[dict[str, float]]:
     model, cfg = load_model(checkpoint)
@@ -64,7 +154,7 @@ def sweep(checkpoint: str | Path, alphas: list[float], taus: list[float], max_ex
     if not all(hasattr(r, "set_alpha") and hasattr(r, "set_eval_threshold") for r in routers):
         raise ValueError(f"router {cfg.model.moe.router.name!r} has no post-hoc knobs (set_alpha, set_eval_threshold); "
                          "the sweep needs a router such as grmoe")
-    data = PackedDataset(open_split(Path(data_dir or cfg.data.dir), "val"), cfg.model.seq_len)
+    data = validation_data(data_dir or cfg.data.dir, cfg.model.seq_len)
     k_max = max_experts or cfg.model.moe.top_k
     for layer in model.moe_layers():
         layer.gate.record_always = True
