@@ -10,6 +10,9 @@ resolved config (`moe_lm_config`, JSON) and the step, so the file alone rebuilds
 
 Weights are exported as stored: the module weights DeepSpeed saved (bf16 for a bf16 run, whose fp32 master copy
 lives in the optimizer state and is not exported). The optimizer state is not exported.
+
+Every checkpoint file is read with `torch.load(weights_only=True)` (`checkpoint.load_file`), so exporting or
+evaluating a checkpoint from someone else runs none of its code; a file that needs more is refused, naming it.
 """
 
 from __future__ import annotations
@@ -30,20 +33,27 @@ from moe_lm.train import checkpoint as ckpt
 CONFIG_KEY = "moe_lm_config"
 STEP_KEY = "moe_lm_step"
 EXPERT_PREFIX = ".deepspeed_moe.experts.deepspeed_experts."
+TRUST_HINT = ("moe-lm's own checkpoint files hold tensors and plain data only, so this one was written by something "
+              "else or changed since; load it with consolidated_state_dict(..., trust=True) only if you trust "
+              "whoever could have written it")
 
 
-def consolidated_state_dict(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def consolidated_state_dict(checkpoint: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(full state dict with experts by global id, manifest) of a checkpoint directory, or of the newest complete
-    checkpoint in a run or checkpoints directory. The checkpoint is validated first (sizes and hashes)."""
-    path = ckpt.find_checkpoint(str(checkpoint), checkpoint)
+    checkpoint in a run or checkpoints directory. The checkpoint is validated first (sizes and hashes), and its
+    files are read weights-only (`trust`: unpickle a file that needs more, running its code)."""
+    path = ckpt.find_checkpoint(str(checkpoint), checkpoint, source="checkpoint")
     manifest = ckpt.read_manifest(path)
+    version = ckpt.checkpoint_format(path, manifest)
     layout = ckpt.Layout(**manifest["layout"])
-    model_states = torch.load(path / ckpt.MODEL_STATES, map_location="cpu", weights_only=False)
-    state = dict(model_states["module"])
+
+    def load(file: Path):
+        return ckpt.load_file(file, trust=trust, format_version=version, hint=TRUST_HINT)
+    state = dict(load(path / ckpt.MODEL_STATES)["module"])
     for layer in range(layout.num_moe_layers):
         for expert in range(layout.num_experts):
             shard_path = path / ckpt.expert_file(layer, expert)
-            shard = torch.load(shard_path, map_location="cpu", weights_only=True)
+            shard = load(shard_path)
             wrong = [key for key in shard if f"{EXPERT_PREFIX}{expert}." not in key]
             if wrong:  # DeepSpeed renames local ids to global ones on save: anything else is a corrupt shard
                 raise ckpt.CheckpointError(f"{shard_path} should hold expert {expert} only, but has {wrong}")
@@ -66,6 +76,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a model file is meant to be shared
     os.replace(tmp, out)
     return out
 

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic, validated and rotated DeepSpeed checkpoints, and the client state of an exact resume.
+"""Checkpoints: atomic, validated, rotated DeepSpeed checkpoints that load without running code, and the client
+state of an exact resume.
 
 Layout under RUN_DIR/checkpoints (docs/checkpoints.md tells the whole story):
 
@@ -9,8 +10,9 @@ Layout under RUN_DIR/checkpoints (docs/checkpoints.md tells the whole story):
 Save (`save_checkpoint`, called by every rank at the same step boundary):
   1. every rank writes its DeepSpeed files into the temporary tag `.tmp-step_N`: expert shards per (MoE layer,
      global expert) from expert-data-parallel rank 0, optimizer shards per rank, and the non-expert weights with
-     the client state (`TrainingState`) from rank 0;
-  2. every rank hashes a share of the files (size + sha256); the shares are gathered, the files the layout
+     the client state (`TrainingState`) from rank 0; a background thread on each rank fsyncs every file right
+     after the rank wrote it and records its size and, with `train.checkpoint_verify=sha256`, its sha256;
+  2. the records are gathered (a file no rank recorded is hashed by a share of the ranks), the files the layout
      implies are checked to be all there, and rank 0 writes manifest.json, renames the directory to `step_N`,
      replaces `latest`, and deletes complete checkpoints beyond `train.keep_last` (never the newest); checkpoints
      of a higher step (from a branch left by resuming an earlier checkpoint) are renamed `abandoned-*` first.
@@ -18,16 +20,19 @@ A kill at any moment leaves the previous checkpoints intact plus, at most, one m
 `.tmp-` directory that the next save removes.
 
 Load (`find_checkpoint`, then `load_checkpoint`): candidates are validated newest first (manifest present, every
-file present with its size and hash, each rank hashing a share); a rejected one is reported with the file that is
-wrong, and the newest complete one wins. `check_compatible` refuses a model with other shapes, and a changed
-parallel layout (world size, ep_size, ZeRO stage, precision) unless only the weights are asked for.
+file present with its size and, with sha256, its hash, each rank hashing a share); a rejected one is reported with
+the file that is wrong, and the newest complete one wins. Every file is read with `torch.load(weights_only=True)`
+(`load_file`): a file that needs more than tensors, containers and DeepSpeed's few data classes is refused, naming
+the file, unless `train.trust_checkpoint` is set. `check_compatible` refuses a model with other shapes; a changed
+world size or ep_size reshards the optimizer state by parameter name (ZeRO-0, fp32); other layout changes load the
+weights only when `train.resume_weights_only` asks for that.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -42,13 +47,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moe_lm.moe import deepspeed_checkpoint as dsckpt
+
 CHECKPOINT_DIR = "checkpoints"
 """Sub-directory of run.dir that holds the checkpoints of a run."""
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-FORMAT_VERSION = 1
+MODEL_STATES = dsckpt.MODEL_STATES
+FORMAT_VERSION = 2
+"""1: the first release. 2: RNG states without numpy objects (so weights_only needs no numpy globals), the
+manifest's `verify` mode (entries may hold sizes only) and `optimizer_params`, the index that lets a ZeRO-0
+optimizer state be resharded by parameter name."""
+READABLE_FORMATS = (1, 2)
 _TAG = re.compile(r"step_(\d+)")
 
 # Client-state keys, stored by DeepSpeed in mp_rank_00_model_states.pt next to its own keys.
@@ -77,8 +88,11 @@ ARCHITECTURE_KEYS = ("model.vocab_size", "model.n_layers", "model.d_model", "mod
 # Keys that steer the run rather than define it: changing them on resume is expected and not reported.
 _RUN_CONTROL_PREFIXES = ("run.", "wandb.", "metrics.", "train.resume", "train.save_interval",
                          "train.keep_last", "train.max_bad_steps", "train.log_interval", "train.eval_interval",
-                         "train.eval_batches", "parallel.init_timeout_s", "parallel.backend",
+                         "train.eval_batches", "train.trust_checkpoint", "train.checkpoint_verify",
+                         "parallel.init_timeout_s", "parallel.backend",
                          "parallel.ep_size", "parallel.zero_stage", "train.precision")  # the last three: `Layout`
+# With an unchanged global batch, these may change with the world size and the run stays a continuation.
+_BATCH_SPLIT_KEYS = ("train.micro_batch_size", "train.grad_accum_steps")
 
 
 def expert_file(moe_layer: int, expert: int) -> str:
@@ -113,7 +127,8 @@ class Layout:
         return files
 
     def optimizer_changes(self, now: Layout) -> list[str]:
-        """'key: saved -> now' for each difference that makes the saved optimizer state unloadable."""
+        """'key: saved -> now' for each difference in what the optimizer shards depend on (`check_compatible` decides
+        whether the state can follow: by parameter name for world size / ep_size under ZeRO-0 fp32)."""
         names = {"world_size": "world size", "ep_size": "parallel.ep_size", "zero_stage": "parallel.zero_stage",
                  "bf16": "bf16"}
         return [f"{label} {getattr(self, key)} -> {getattr(now, key)}" for key, label in names.items()
@@ -189,8 +204,13 @@ def log(message: str) -> None:
 # RNG states
 
 def rng_state() -> dict[str, Any]:
-    """This process's generators: python, numpy, torch CPU, and the current CUDA device if any."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's generators: python, numpy, torch CPU, and the current CUDA device if any. Tensors, ints,
+    floats and tuples only, so that the file loads with weights_only (format 1 kept numpy's state as an ndarray)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -198,10 +218,79 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)  # format 1: numpy's own tuple
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a checkpoint file without running its code
+
+TRUST_HINT = ("set train.trust_checkpoint=true only if you trust whoever wrote (or could have changed) this "
+              "checkpoint: its sha256 manifest travels with the files, so it vouches for nothing")
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What a pickled uint32 ndarray needs (format 1 kept numpy's RNG key that way): numpy's array rebuilder, under
+    its numpy 2 and numpy 1 names, ndarray and the dtype classes. They rebuild arrays only; the allowlist the torch
+    docs give for numpy arrays."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _allowed_globals(format_version: int) -> list[Any]:
+    return [*dsckpt.SAFE_GLOBALS, *(_numpy_array_globals() if format_version < 2 else [])]
+
+
+def _refusal(file: str | Path, reason: str, hint: str) -> str:
+    return (f"{file} holds more than tensors and plain data ({reason}). Loading it would unpickle that, and "
+            f"unpickling runs whatever code the file carries, so it was not loaded: {hint}")
+
+
+def load_file(path: str | Path, *, trust: bool = False, format_version: int = FORMAT_VERSION,
+              map_location: Any = "cpu", hint: str = TRUST_HINT) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors, containers, numbers and strings, DeepSpeed's data classes
+    (`dsckpt.SAFE_GLOBALS`) and, for a format-1 checkpoint, numpy arrays. Anything else raises `CheckpointError`
+    naming the file, unless `trust`, which unpickles it (running whatever code it carries) and says so."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals(format_version)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+        reason = found.group(1).strip() if found else str(exc).splitlines()[0]
+        if not trust:
+            raise CheckpointError(_refusal(path, reason, hint)) from None
+        log(f"train.trust_checkpoint=true: unpickling {path} ({reason}); this runs any code the file carries")
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def files_needing_trust(path: Path, names: list[str], format_version: int) -> list[str]:
+    """A refusal (as `load_file` words it) for each of the files `names` of checkpoint `path` whose pickle names
+    a global beyond the allowed ones. Reads the pickles' opcodes only, runs nothing. Collective: each rank scans
+    a share and every rank gets the whole list, so that all refuse before any of them starts loading (a rank
+    stopping alone in the middle of DeepSpeed's load would leave the others waiting in its collectives)."""
+    rank, world = _rank_world()
+    allowed = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+               for entry in _allowed_globals(format_version)}
+    problems = []
+    for name in sorted(names)[rank::world]:
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path / name)
+        except (ValueError, RuntimeError, OSError):
+            continue  # not a torch zip checkpoint (e.g. a script): `load_file` decides if it is ever loaded
+        extra = sorted(set(found) - allowed)
+        if extra:
+            problems.append(_refusal(path / name, "needs " + ", ".join(extra), TRUST_HINT))
+    return sorted({p for share in _all_gather(problems) for p in share})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,23 +325,24 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{manifest_path} is unreadable ({exc})") from exc
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file; fsync'd on the way, so a manifest never describes data still in flight."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+def checkpoint_format(path: str | Path, manifest: dict[str, Any]) -> int:
+    """The manifest's format version; `CheckpointError` (naming the version) if this moe-lm cannot read it."""
+    version = manifest.get("format")
+    if version not in READABLE_FORMATS:
+        raise CheckpointError(f"{Path(path) / MANIFEST} is checkpoint format {version!r}; this moe-lm reads formats "
+                              f"{', '.join(map(str, READABLE_FORMATS))} (a newer moe-lm wrote it: resume with that "
+                              f"version, or export its weights with it)")
+    return version
 
 
 def _files_under(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
 
 
-def validate_checkpoint(path: str | Path) -> list[str]:
-    """Problems that make `path` unusable, each naming the file at fault; [] = complete. Collective when
-    torch.distributed is initialised (each rank hashes a share of the files, all get the same answer)."""
+def validate_checkpoint(path: str | Path, verify: str = "sha256") -> list[str]:
+    """Problems that make `path` unusable, each naming the file at fault; [] = complete. Sizes are always checked,
+    hashes with `verify="sha256"` when the manifest has them. Collective when torch.distributed is initialised
+    (each rank hashes a share of the files, all get the same answer)."""
     path = Path(path)
     rank, world = _rank_world()
     problems: list[str] = []
@@ -274,13 +364,17 @@ def validate_checkpoint(path: str | Path) -> list[str]:
                 problems.append(f"{file} is missing")
             elif (size := file.stat().st_size) != entry["bytes"]:
                 problems.append(f"{file} has {size} bytes, the manifest says {entry['bytes']} (truncated or rewritten)")
-            elif i % world == rank and _file_entry(file)["sha256"] != entry["sha256"]:
+            elif (verify == "sha256" and "sha256" in entry and i % world == rank
+                  and dsckpt.file_entry(file, sha256=True)["sha256"] != entry["sha256"]):
                 problems.append(f"{file} does not match its sha256 in the manifest (corrupt)")
     return sorted({p for share in _all_gather(problems) for p in share})
 
 
-def find_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint `train.resume` asks for, validated; None = start from scratch. Collective.
+def find_checkpoint(resume: str, run_dir: str | Path, verify: str = "sha256",
+                    source: str = "train.resume") -> Path | None:
+    """The checkpoint `train.resume` asks for, validated (`verify`: `train.checkpoint_verify`); None = start from
+    scratch. Collective. `source` names what the user gave the path as, in errors (export and eval pass
+    "checkpoint").
 
     "" -> None, unless RUN_DIR already holds complete checkpoints: a fresh run would mix its checkpoints with
     those of the earlier run (and a later "auto" could pick the earlier run's newer step), so that raises.
@@ -300,18 +394,18 @@ def find_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
     if explicit:
         path = Path(resume)
         if (path / MANIFEST).exists() or step_of(path) is not None or path.name.startswith(TMP_PREFIX):
-            problems = validate_checkpoint(path)
+            problems = validate_checkpoint(path, verify)
             if problems:
-                raise CheckpointError(f"train.resume={resume}: checkpoint not usable: " + "; ".join(problems))
+                raise CheckpointError(f"{source}={resume}: checkpoint not usable: " + "; ".join(problems))
             return path
         save_dir = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
         if not save_dir.is_dir():
-            raise CheckpointError(f"train.resume={resume}: no such checkpoint or directory")
+            raise CheckpointError(f"{source}={resume}: no such checkpoint or directory")
     else:
         save_dir = Path(run_dir) / CHECKPOINT_DIR
     rejected: list[str] = []
     for candidate in list_checkpoints(save_dir):
-        problems = validate_checkpoint(candidate)
+        problems = validate_checkpoint(candidate, verify)
         if not problems:
             if rejected:
                 log(f"falling back to {candidate}, the newest complete checkpoint")
@@ -320,11 +414,12 @@ def find_checkpoint(resume: str, run_dir: str | Path) -> Path | None:
         log(f"skipping checkpoint {candidate}: {problems[0]}{more}")
         rejected.append(f"{candidate.name}: {problems[0]}")
     if rejected:
-        raise CheckpointError(f"train.resume={resume}: no complete checkpoint in {save_dir} ("
-                              + "; ".join(rejected) + "). Not starting from scratch: pass another checkpoint as "
-                              "train.resume, or start a new run in another run.dir")
+        hint = (". Not starting from scratch: pass another checkpoint as train.resume, or start a new run in another "
+                "run.dir") if source == "train.resume" else ""
+        raise CheckpointError(f"{source}={resume}: no complete checkpoint in {save_dir} (" + "; ".join(rejected)
+                              + ")" + hint)
     if explicit:
-        raise CheckpointError(f"train.resume={resume}: no checkpoint (step_N directory) in {save_dir}")
+        raise CheckpointError(f"{source}={resume}: no checkpoint (step_N directory) in {save_dir}")
     partial = sorted(p.name for p in save_dir.glob(TMP_PREFIX + "*")) if save_dir.is_dir() else []
     note = f" (ignoring incomplete {', '.join(partial)})" if partial else ""
     log(f"train.resume=auto: no checkpoint in {save_dir}{note}; starting from scratch")
@@ -383,23 +478,40 @@ def rotate(save_dir: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _gather_file_entries(tmp: Path, written: dict[str, dict[str, Any]], sha256: bool) -> dict[str, dict[str, Any]]:
+    """{name under `tmp`: entry} of every file there: those the ranks recorded while writing, and any other (a file
+    written outside DeepSpeed's checkpoint engine) fsync'd and measured by a share of the ranks. Collective."""
+    rank, world = _rank_world()
+    recorded = {os.path.relpath(path, tmp): entry for path, entry in written.items()}
+    recorded = {name: entry for name, entry in recorded.items() if not name.startswith("..")}
+    files = {name: entry for share in _all_gather(recorded) for name, entry in share.items()}
+    unrecorded = [name for name in _files_under(tmp) if name not in files]
+    measured = {name: dsckpt.file_entry(tmp / name, sha256) for name in unrecorded[rank::world]}
+    files.update({name: entry for share in _all_gather(measured) for name, entry in share.items()})
+    return dict(sorted(files.items()))
+
+
 def save_checkpoint(engine, save_dir: str | Path, state: TrainingState, keep_last: int) -> Path:
-    """Write a complete checkpoint of `state.step` and return its directory. Collective: every rank calls it."""
+    """Write a complete checkpoint of `state.step` and return its directory. Collective: every rank calls it.
+
+    What the manifest records for each file follows the saved config's `train.checkpoint_verify` (sha256: size
+    and hash; size: size only); each rank records the files it wrote (`dsckpt.moe_lm_checkpoint_engine`).
+    """
     rank, world = _rank_world()
     save_dir = Path(save_dir)
     tag = tag_name(state.step)
     tmp = save_dir / (TMP_PREFIX + tag)
+    verify = state.config.get("train", {}).get("checkpoint_verify", "sha256")
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         for stale in save_dir.glob(TMP_PREFIX + "*"):  # left by a killed save or deletion
             shutil.rmtree(stale, ignore_errors=True)
     state.rng_states = _all_gather(rng_state())
     _barrier()
-    engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state.client_state(), save_latest=False)
+    with dsckpt.moe_lm_checkpoint_engine(engine, sha256=verify == "sha256") as written:
+        engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state.client_state(), save_latest=False)
     _barrier()
-    names = _files_under(tmp)
-    files = {name: entry for share in _all_gather({n: _file_entry(tmp / n) for n in names[rank::world]})
-             for name, entry in share.items()}
+    files = _gather_file_entries(tmp, written, verify == "sha256")
     missing = [p for p in state.layout.required_files() if not any(fnmatch(name, p) for name in files)]
     if missing:  # every rank sees the same gathered listing, so every rank raises
         raise CheckpointError(f"checkpoint {tmp} is incomplete after every rank wrote it: no {missing}")
@@ -409,7 +521,8 @@ def save_checkpoint(engine, save_dir: str | Path, state: TrainingState, keep_las
             final = save_dir / tag
             manifest = {"format": FORMAT_VERSION, "tag": tag, "step": state.step,
                         "consumed_samples": state.consumed_samples, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "layout": asdict(state.layout), "config": state.config, "files": files}
+                        "layout": asdict(state.layout), "config": state.config, "verify": verify,
+                        "optimizer_params": dsckpt.optimizer_index(engine), "files": files}
             _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
             set_aside_newer(save_dir, state.step)
             if final.exists():  # the same step saved again (e.g. after resuming from an older checkpoint)
@@ -440,13 +553,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def elastic_refusal(manifest: dict[str, Any], saved: Layout, now: Layout) -> str | None:
+    """Why the optimizer state of a checkpoint saved with layout `saved` cannot be resharded to `now`; None if it
+    can (ZeRO-0 fp32 on both sides, format 2 or later, only the world size and ep_size changed)."""
+    version = manifest.get("format")
+    if version < 2:
+        return (f"it is a format-{version} checkpoint, written before moe-lm could reshard optimizer state by "
+                f"parameter name (format 2)")
+    if saved.zero_stage or now.zero_stage:
+        return (f"resharding covers ZeRO-0 only (saved: ZeRO-{saved.zero_stage}, now: ZeRO-{now.zero_stage}); "
+                f"ZeRO-1/2 keep Adam's state in flat partitions per data-parallel rank")
+    if saved.bf16 or now.bf16:
+        return (f"resharding covers fp32 only (saved: {'bf16' if saved.bf16 else 'fp32'}, now: "
+                f"{'bf16' if now.bf16 else 'fp32'}); bf16 keeps fp32 master weights and Adam's state in flat groups")
+    if not manifest.get("optimizer_params"):
+        return "its manifest has no optimizer index (optimizer_params)"
+    return None
+
+
 def check_compatible(path: Path, manifest: dict[str, Any], config: dict[str, Any], layout: Layout,
                      weights_only: bool) -> bool:
-    """Whether the optimizer state of checkpoint `path` can be loaded into this run (False: weights only).
+    """Whether the optimizer state of checkpoint `path` is loaded into this run (False: weights only).
 
-    Raises `CheckpointError` if the model shapes differ, or if the parallel layout changed and `weights_only`
-    is off; warns about every other setting that differs from the checkpoint's.
+    Raises `CheckpointError` if the model shapes differ, if the format is unknown, or if the parallel layout
+    changed in a way the optimizer state cannot follow (see `elastic_refusal`) and `weights_only` is off; warns
+    about every other setting that differs from the checkpoint's.
     """
+    checkpoint_format(path, manifest)
     saved, now = _flatten(manifest["config"]), _flatten(config)
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
     architecture = [key for key in changed if key in ARCHITECTURE_KEYS]
@@ -454,29 +587,75 @@ def check_compatible(path: Path, manifest: dict[str, Any], config: dict[str, Any
         raise CheckpointError(f"{path} holds another model: " + ", ".join(
             f"{key}={saved.get(key)!r} in the checkpoint, {now.get(key)!r} now" for key in architecture)
             + ". Resume with the checkpoint's model settings (its config is in manifest.json)")
+    saved_layout = Layout(**manifest["layout"])
     others = [key for key in changed if key not in architecture and not key.startswith(_RUN_CONTROL_PREFIXES)]
-    if others:
+    batches = _global_batch(saved, saved_layout.world_size), _global_batch(now, layout.world_size)
+    differences = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in others
+                   if batches[0] != batches[1] or key not in _BATCH_SPLIT_KEYS]
+    if batches[0] != batches[1]:
+        differences.insert(0, f"global batch {batches[0]} -> {batches[1]} sequences")
+    if differences:
         log("resuming with settings that differ from the checkpoint's, so this is not an exact continuation: "
-            + ", ".join(f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in others))
-    changes = Layout(**manifest["layout"]).optimizer_changes(layout)
-    if changes and not weights_only:
+            + ", ".join(differences))
+    changes = saved_layout.optimizer_changes(layout)
+    if not changes:
+        return not weights_only
+    if weights_only:
+        log(f"layout changed ({', '.join(changes)}): loading weights and progress, not the optimizer state")
+        return False
+    refusal = elastic_refusal(manifest, saved_layout, layout)
+    if refusal:
         raise CheckpointError(
             f"{path} was saved with another parallel layout ({', '.join(changes)}). Its model weights can be loaded "
-            f"(experts are stored per global id) but its optimizer state, sharded by that layout, cannot. Set "
+            f"(experts are stored per global id) but its optimizer state cannot follow: {refusal}. Set "
             f"train.resume_weights_only=true to continue with the weights, step, data position and LR schedule "
             f"and a fresh optimizer state (docs/checkpoints.md), or resume with the saved layout")
-    if changes:
-        log(f"layout changed ({', '.join(changes)}): loading weights and progress, not the optimizer state")
-    return not (changes or weights_only)
+    log(f"layout changed ({', '.join(changes)}): resharding the optimizer state by parameter name")
+    return True
 
 
-def load_checkpoint(engine, path: str | Path, load_optimizer: bool) -> TrainingState:
-    """Load weights (experts by global id), LR scheduler and, if asked, optimizer state into `engine`. Collective."""
-    path = Path(path)
+def _global_batch(flat_config: dict[str, Any], world_size: int) -> int | None:
     try:
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                         load_optimizer_states=load_optimizer,
-                                                         load_lr_scheduler_states=True)
+        return flat_config["train.micro_batch_size"] * flat_config["train.grad_accum_steps"] * world_size
+    except (KeyError, TypeError):
+        return None
+
+
+def current_layout(engine) -> tuple[int, int]:
+    """(world size, ep_size) of the running engine: what the optimizer shards of a ZeRO-0 checkpoint depend on."""
+    return _rank_world()[1], dsckpt.ep_size(engine.module)
+
+
+def load_checkpoint(engine, path: str | Path, load_optimizer: bool, trust: bool = False) -> TrainingState:
+    """Load weights (experts by global id), LR scheduler and, if asked, optimizer state into `engine`. Collective.
+
+    Every file is read by `load_file` (weights_only; `trust` = `train.trust_checkpoint`), after the ranks have
+    checked together that none needs more (`files_needing_trust`). If the world size or ep_size differs from the
+    checkpoint's, the optimizer state is loaded by parameter name (`dsckpt.load_optimizer_by_name`;
+    `check_compatible` has vetted that it can be).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    version = checkpoint_format(path, manifest)
+    if not trust and (refusals := files_needing_trust(path, [n for n in manifest["files"] if n.endswith(".pt")],
+                                                      version)):
+        more = f" (and {len(refusals) - 1} more such file(s))" if len(refusals) > 1 else ""
+        raise CheckpointError(refusals[0] + more)
+    saved = Layout(**manifest["layout"])
+    by_name = load_optimizer and (saved.world_size, saved.ep_size) != current_layout(engine)
+
+    def load(file, map_location=None):
+        return load_file(file, trust=trust, format_version=version, map_location=map_location)
+    try:
+        with dsckpt.moe_lm_checkpoint_engine(engine, load_fn=load):
+            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                             load_optimizer_states=load_optimizer and not by_name,
+                                                             load_lr_scheduler_states=True)
+            if load_path is not None and by_name:
+                dsckpt.load_optimizer_by_name(engine, path, saved.ep_size, saved.num_experts,
+                                              manifest["optimizer_params"], load)
+    except CheckpointError:
+        raise
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if load_path is None:

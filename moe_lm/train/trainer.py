@@ -145,7 +145,7 @@ class Trainer:
         try:
             # validate (and load) the checkpoint before writing config.yaml or starting a wandb run, so that a
             # refused resume leaves run.dir as it was
-            resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir)
+            resume_from = ckpt.find_checkpoint(cfg.train.resume, self.run_dir, verify=cfg.train.checkpoint_verify)
             if resume_from is not None:
                 self._load_checkpoint(resume_from)
             rng = ckpt.rng_state()  # the resumed (or seeded) generators; wandb.init may draw from Python's
@@ -254,7 +254,7 @@ class Trainer:
         `train.resume_weights_only` allows that), LR scheduler, step, data position, RNG states."""
         load_optimizer = ckpt.check_compatible(path, ckpt.read_manifest(path), to_dict(self.cfg), self._layout(),
                                                self.cfg.train.resume_weights_only)
-        state = ckpt.load_checkpoint(self.engine, path, load_optimizer)
+        state = ckpt.load_checkpoint(self.engine, path, load_optimizer, trust=self.cfg.train.trust_checkpoint)
         self.step, self.consumed_samples, self.skipped_steps = state.step, state.consumed_samples, state.skipped_steps
         if state.sampler != {"seed": self.sampler.seed, "num_samples": self.sampler.num_samples}:
             ckpt.log(f"the data order differs from the checkpoint's (sampler {state.sampler}, now seed "
