@@ -47,12 +47,16 @@ def router_fwd_bwd_ms(recipe: str, router: str, repeats: int) -> float:
     layer = MoETransformer(cfg.model).moe_layers()[0]
     tokens = cfg.train.micro_batch_size * cfg.model.seq_len
     x = torch.randn(tokens, cfg.model.d_model)
+    token_ids = torch.randint(0, cfg.model.vocab_size, (tokens,))
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         start = time.perf_counter()
         w1 = layer.local_expert_w1() if layer.router.needs_expert_w1 else None
-        out = layer.router(x, expert_w1_EFD=w1)
-        (out.weights_TK.sum() + sum(out.aux_losses.values(), torch.zeros(()))).backward()
+        out = layer.router(x, expert_w1_EFD=w1, token_ids_T=token_ids, sequence_length=cfg.model.seq_len)
+        weights = out.weights_EC if out.expert_choice else out.weights_TK
+        loss = weights.sum() + sum(out.aux_losses.values(), torch.zeros(()))
+        if loss.requires_grad:  # a fixed router (hash) has nothing to learn
+            loss.backward()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[1:])
 

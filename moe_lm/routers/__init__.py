@@ -7,14 +7,20 @@ from __future__ import annotations
 
 from moe_lm.config.schema import ConfigError, RouterConfig
 from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
 from moe_lm.routers.grmoe import GrMoEConfig, GrMoERouter
+from moe_lm.routers.hash import HashConfig, HashRouter
 from moe_lm.routers.mpi import MPIConfig, MPIRouter
+from moe_lm.routers.sinkhorn import SinkhornConfig, SinkhornRouter
 from moe_lm.routers.softmax_topk import SoftmaxTopKConfig, SoftmaxTopKRouter
 
 REGISTRY: dict[str, tuple[type[RouterConfig], type[Router]]] = {
     "softmax_topk": (SoftmaxTopKConfig, SoftmaxTopKRouter),
     "grmoe": (GrMoEConfig, GrMoERouter),
     "mpi": (MPIConfig, MPIRouter),
+    "expert_choice": (ExpertChoiceConfig, ExpertChoiceRouter),
+    "sinkhorn": (SinkhornConfig, SinkhornRouter),
+    "hash": (HashConfig, HashRouter),
 }
 
 

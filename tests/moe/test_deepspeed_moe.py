@@ -29,7 +29,7 @@ def test_every_router_runs_forward_and_backward_through_deepspeeds_moe_layer(rou
     gate_names = [n for n, _ in layer.gate.named_parameters()] + [n for n, _ in layer.gate.named_buffers()]
     assert gate_names and not [n for n in gate_names if "expert" in n]  # DeepSpeed routes those to expert files
     x = torch.randn(2, T // 2, D, requires_grad=True)
-    y, l_aux = layer(x)
+    y, l_aux = layer(x, torch.randint(0, 100, x.shape[:2]))
     assert y.shape == x.shape and l_aux.ndim == 0
     (y.square().mean() + l_aux).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -51,6 +51,9 @@ VARIANTS = {
     "aux_free": ["model.moe.router.bias_update_rate=0.001"],  # per-step counts for the bias: reduced, not read
     "mpi": ["model.moe.router.name=mpi"],
     "grmoe": ["model.moe.router.name=grmoe"],
+    "sinkhorn": ["model.moe.router.name=sinkhorn"],  # global column sums: all-reduced every round, never read
+    "hash": ["model.moe.router.name=hash"],  # no router parameters: hashes the input ids on the device
+    "expert_choice": ["model.moe.router.name=expert_choice"],
     "softmax_topk_capacity": ["model.moe.drop_tokens=true", "model.moe.capacity_factor=1.0"],
     "softmax_topk_accumulation_clipping": ["train.grad_accum_steps=2", "train.grad_clip=0.01"],
 }
