@@ -236,7 +236,7 @@ class MoEFeedForward(MoE):
         num_tokens, slots = expert_ids_TK.shape
         order = sort_by_expert(expert_ids_TK, self.num_experts)
         counts_E = torch.diff(order.group_end_E, prepend=order.group_end_E.new_zeros(1)).float()
-        weights_KT = weights_TK.t().float()
+        weights_KT = torch.where(expert_ids_TK.t() >= 0, weights_TK.t().float(), 0.0)  # unused slots add nothing
         kept_counts_E = counts_E
         if self.moe_cfg.drop_tokens:
             capacity = self._capacity(num_tokens, slots)
@@ -244,7 +244,7 @@ class MoEFeedForward(MoE):
             weights_KT = torch.where(kept_KT, weights_KT, 0.0)
             kept_counts_E = counts_E.clamp_max(capacity)
         rows_ND = x_TD.index_select(0, order.order_N % num_tokens)  # token of each expert-major row
-        y_ND = grouped_swiglu(rows_ND, *self._local_expert_weights(), order.group_end_E, self.expert_compute)
+        y_ND = grouped_swiglu(rows_ND, *self._local_expert_weights(), order.compute_group_end(), self.expert_compute)
         y_KTD = torch.empty_like(y_ND).index_copy_(0, order.order_N, y_ND).view(slots, num_tokens, -1)
         y_TD = (y_KTD.float() * weights_KT.unsqueeze(-1)).sum(0).to(x_TD.dtype)
         return y_TD, counts_E, kept_counts_E

@@ -29,6 +29,11 @@ class ExpertOrder:
                  list. Unused slots (id -1) sort after the last expert and belong to no group.
     """
 
+    def compute_group_end(self) -> Tensor:
+        """`group_end_E` with the last group stretched over the unused slots' rows, so that every row belongs to a
+        group (the kernels need no mask); those rows carry weight 0 in the combine."""
+        return torch.cat([self.group_end_E[:-1], self.group_end_E.new_full((1,), self.order_N.numel())])
+
     order_N: Tensor
     location_N: Tensor
     group_end_E: Tensor
@@ -81,29 +86,25 @@ def _looped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> 
     """The plain reference: one matmul per expert over its rows (reads the group sizes back to the host)."""
     ends = group_end_E.tolist()
     starts = [0] + ends[:-1]
-    out = [F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, weights)]
-    out.append(x_ND.new_zeros(x_ND.shape[0] - ends[-1], weights[0].shape[0]))  # rows of no group (unused slots)
-    return torch.cat(out)
+    return torch.cat([F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, weights)])
 
 
 def grouped_swiglu(x_ND: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], group_end_E: Tensor,
                    impl: str = "auto") -> Tensor:
     """SwiGLU of expert e, silu(x W1ᵀ) ⊙ (x W3ᵀ) W2ᵀ, applied to the rows of each group (expert-major rows); w1,
-    w3 ([F, D] each) and w2 ([D, F]) list the experts' matrices in group order.
+    w3 ([F, D] each) and w2 ([D, F]) list the experts' matrices in group order. The groups cover every row
+    (`group_end_E[-1]` = N; see `ExpertOrder.compute_group_end`): `_grouped_mm` leaves rows past the last group
+    uninitialised.
 
     impl: "grouped" (`torch._grouped_mm`: one kernel per projection for all experts, no host sync), "looped" (a
     matmul per expert, the reference; one host read of the group sizes), or "auto" (grouped where
-    `grouped_mm_supported`). Rows past the last group come out as zeros.
+    `grouped_mm_supported`).
     """
     if impl == "auto":
         impl = "grouped" if grouped_mm_supported(x_ND) else "looped"
     linear = {"grouped": _grouped_linear, "looped": _looped_linear}[impl]
-    if impl == "grouped":  # _grouped_mm leaves rows past the last group (and their input gradients) uninitialised
-        in_group_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < group_end_E[-1]).unsqueeze(-1)
-        x_ND = torch.where(in_group_N1, x_ND, 0)
     hidden_NF = F.silu(linear(x_ND, w1, group_end_E)) * linear(x_ND, w3, group_end_E)
-    out_ND = linear(hidden_NF, w2, group_end_E)
-    return torch.where(in_group_N1, out_ND, 0) if impl == "grouped" else out_ND
+    return linear(hidden_NF, w2, group_end_E)
 
 
 def batched_swiglu(x_ECD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor]) -> Tensor:

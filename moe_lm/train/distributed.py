@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -227,7 +227,7 @@ def moe_grad_norm(parameters) -> torch.Tensor:
     return total.sqrt()
 
 
-def install_moe_grad_clipping(engine) -> None:
+def install_moe_grad_clipping(engine) -> Callable[[], torch.Tensor] | None:
     """Exact gradient clipping for ZeRO stage 0 in fp32 (DeepSpeed's `clip_fp32_gradients` path).
 
     DeepSpeed's own clipping there averages each rank's local norm over the data-parallel group. Under expert
@@ -238,17 +238,27 @@ def install_moe_grad_clipping(engine) -> None:
     skipped-step logic), and records the norm tensor for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over
     the expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's
     bf16 optimizer keeps its own clipping.
+
+    Returns `measure()`, which computes the norm of the gradients as they stand (a device tensor) for the coming
+    clip, so that a caller that needs the norm before the step (the NaN/inf check) and the clip share one pass over
+    the gradients; None where DeepSpeed clips by itself.
     """
     if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return
+        return None
     max_norm = float(engine.gradient_clipping())
+    measured: list[torch.Tensor] = []
+
+    def measure() -> torch.Tensor:
+        measured[:] = [moe_grad_norm(engine.module.parameters())]
+        return measured[0]
 
     def clip_fp32_gradients() -> None:
         grads = [p.grad.detach() for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-        norm = moe_grad_norm(engine.module.parameters())
+        norm = measured.pop() if measured else moe_grad_norm(engine.module.parameters())
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         coef = torch.where(torch.isfinite(coef), coef, 1.0).to(torch.float32)
         torch._foreach_mul_(grads, coef)
         engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+    return measure

@@ -117,7 +117,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world, self.bf16))
-        install_moe_grad_clipping(self.engine)  # ZeRO-0: the exact norm over all experts, as for 1 process
+        # ZeRO-0: the exact norm over all experts, as for 1 process, measured once for the NaN check and the clip
+        self.measure_grad_norm = install_moe_grad_clipping(self.engine)
         if self.world == 1 and not (self.engine.zero_optimization() or self.bf16):
             # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
             # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
@@ -211,7 +212,9 @@ class Trainer:
         """One all-reduce at the accumulation boundary, so every rank takes the same decisions: is this step bad
         (a NaN/inf loss or local gradient on any rank; returned), and did any rank get a stop signal (sets
         `stop_requested`, acted on at the end of the step). The only host read of a training step."""
-        local_bad = ~torch.isfinite(loss_sums).all() | ~grads_finite(self.model.parameters())
+        grads_ok = (torch.isfinite(self.measure_grad_norm()) if self.measure_grad_norm
+                    else grads_finite(self.model.parameters()))
+        local_bad = ~torch.isfinite(loss_sums).all() | ~grads_ok
         stop = torch.full((), float(self.signals.received is not None), device=self.device)
         flags = torch.stack([local_bad.float(), stop])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
