@@ -1,10 +1,12 @@
-"""Which router is better here? Train one recipe with each router and several seeds, then compare.
+"""Which router is better here? Train each variant's recipe with several seeds, then compare.
 
-    python scripts/shootout.py --out runs/shootout                          # quickstart, every router, 2 seeds
-    python scripts/shootout.py --routers softmax_topk mpi --seeds 1 2 3 --out runs/shootout train.max_steps=600
+    python scripts/shootout.py --out runs/shootout                          # every quickstart variant, 2 seeds
+    python scripts/shootout.py --variants softmax_topk mpi --seeds 1 2 3 --out runs/shootout train.max_steps=600
 
-Runs go to OUT/<router>_s<seed>; the report (`moe-lm compare`: a Markdown table with a mean ± std row per
-router over seeds, and PNG plots) goes to OUT/compare. A finished run (summary.json present) is not rerun.
+A variant is a recipe: `softmax_topk` is `recipes/quickstart.yaml`, any other name N is
+`recipes/quickstart_N.yaml` (every router of the registry, and variants such as `aux_free`). Runs go to
+OUT/<variant>_s<seed>; the report (`moe-lm compare`: a Markdown table with a mean ± std row per variant over
+seeds, and PNG plots) goes to OUT/compare. A finished run (summary.json present) is not rerun.
 """
 
 from __future__ import annotations
@@ -15,28 +17,36 @@ from pathlib import Path
 from runs import train
 
 from moe_lm.metrics.compare import compare_runs
-from moe_lm.routers import REGISTRY
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def variant_recipe(variant: str) -> Path:
+    return RECIPES / ("quickstart.yaml" if variant == "softmax_topk" else f"quickstart_{variant}.yaml")
 
 
 def main() -> None:
+    default = ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="recipes/quickstart.yaml")
-    parser.add_argument("--routers", nargs="+", default=sorted(REGISTRY))
+    parser.add_argument("--variants", nargs="+", default=default)
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
 
+    missing = [v for v in args.variants if not variant_recipe(v).exists()]
+    if missing:
+        parser.error(f"no recipe for {missing}: expected {[str(variant_recipe(v)) for v in missing]}")
     run_dirs = []
-    for router in args.routers:
+    for variant in args.variants:
         for seed in args.seeds:
-            run_dir = args.out / f"{router}_s{seed}"
+            run_dir = args.out / f"{variant}_s{seed}"
             run_dirs.append(run_dir)
             if (run_dir / "summary.json").exists():
                 continue
             print(f"training {run_dir.name}", flush=True)
-            train(args.recipe, [f"model.moe.router.name={router}", f"train.seed={seed}",
-                                f"run.name={run_dir.name}", *args.overrides], run_dir)
+            train(str(variant_recipe(variant)), [f"train.seed={seed}", f"run.name={run_dir.name}", *args.overrides],
+                  run_dir)
     report = compare_runs(run_dirs, args.out / "compare")
     print(report.read_text())
 

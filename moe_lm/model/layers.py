@@ -34,7 +34,7 @@ def apply_rope(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     (x1 + i·x2)·(cos + i·sin), in fp32 (a single pass, where four real products and a stack took five)."""
     seq = x_BHSDh.shape[-2]
     pairs = torch.view_as_complex(x_BHSDh.float().unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * torch.complex(cos[:seq], sin[:seq])).flatten(-2)
+    rotated = torch.view_as_real(pairs * torch.complex(cos[:seq].float(), sin[:seq].float())).flatten(-2)
     return rotated.to(x_BHSDh.dtype)
 
 
