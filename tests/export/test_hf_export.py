@@ -31,13 +31,7 @@ SHAPE = ["model.vocab_size=300", "model.seq_len=32", "model.d_model=32", "model.
 IDS = (torch.arange(2 * 32) * 37 % 300).view(2, 32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second intra-op thread only adds waiting (tens of ms per small op on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only adds waiting
 
 
 def run_overrides(root, router, *extra):

@@ -63,14 +63,6 @@ def route(router, a: tuple[float, ...]) -> torch.Tensor:
     return combine_matrix(router(score_tokens(*a), sequence_length=4), len(a))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Capacity and selection
 # ---------------------------------------------------------------------------------------------------------------
