@@ -12,6 +12,7 @@ Values that can be derived (global batch, data-parallel size, expert width) are 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class RouterConfig:
 
     name: str = "softmax_topk"
     """Registry name of the router: see `moe_lm.routers.REGISTRY`."""
+    shape_keys: ClassVar[tuple[str, ...]] = ()
+    """Dotted recipe keys, beyond the model's own, that set the shapes of this router's parameters and buffers: a
+    resume that changes one is refused with the key's name."""
 
     def validate(self, moe: MoEConfig) -> None:
         """Router-specific rules; raise `ConfigError` with a key under `model.moe.router`."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,8 @@ SIGMA_FLOOR = 1e-4
 @dataclass
 class GrMoEConfig(RouterConfig):
     name: str = "grmoe"
+    shape_keys: ClassVar[tuple[str, ...]] = tuple(f"model.moe.router.{key}" for key in (
+        "subspace_dim", "routing_dim", "variational", "vi_hidden_dim"))
     subspace_dim: int = 0
     """p, the dimension of each expert's subspace. 0 = auto: 8 for E <= 8, 4 for E <= 16, 2 otherwise."""
     routing_dim: int = 0

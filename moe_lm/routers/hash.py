@@ -16,6 +16,7 @@ Shape suffixes: T tokens, E experts, K selected slots per token, C hash coeffici
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,7 @@ HASH_DEGREE = 3
 @dataclass
 class HashConfig(RouterConfig):
     name: str = "hash"
+    shape_keys: ClassVar[tuple[str, ...]] = ("model.moe.top_k",)  # one hash function per slot: a [K, C] buffer
     seed: int = 0
     """Seed of the hash functions (one per slot). Changing it changes every token's experts."""
 

@@ -85,6 +85,15 @@ CLIENT_STATE_KEYS = (STEP, CONSUMED_SAMPLES, SAMPLER, SKIPPED_STEPS, RNG_STATES,
 ARCHITECTURE_KEYS = ("model.vocab_size", "model.n_layers", "model.d_model", "model.n_heads", "model.d_ff",
                      "model.tie_embeddings", "model.moe.num_experts", "model.moe.layer_freq", "model.moe.d_expert",
                      "model.moe.router.name")
+
+
+def architecture_keys(config: dict[str, Any]) -> tuple[str, ...]:
+    """`ARCHITECTURE_KEYS` plus the shape-defining keys that the config's router declares (`shape_keys`)."""
+    from moe_lm.routers import router_config_class
+
+    return ARCHITECTURE_KEYS + router_config_class(config["model"]["moe"]["router"]["name"]).shape_keys
+
+
 # Keys that steer the run rather than define it: changing them on resume is expected and not reported.
 _RUN_CONTROL_PREFIXES = ("run.", "wandb.", "metrics.", "train.resume", "train.save_interval",
                          "train.keep_last", "train.max_bad_steps", "train.log_interval", "train.eval_interval",
@@ -582,7 +591,7 @@ def check_compatible(path: Path, manifest: dict[str, Any], config: dict[str, Any
     checkpoint_format(path, manifest)
     saved, now = _flatten(manifest["config"]), _flatten(config)
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
-    architecture = [key for key in changed if key in ARCHITECTURE_KEYS]
+    architecture = [key for key in changed if key in architecture_keys(manifest["config"])]
     if architecture:
         raise CheckpointError(f"{path} holds another model: " + ", ".join(
             f"{key}={saved.get(key)!r} in the checkpoint, {now.get(key)!r} now" for key in architecture)
