@@ -22,10 +22,11 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [S, Dh/2] of rotary position embeddings (Su et al. 2021)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+def rope_tables(seq_len: int, head_dim: int, theta: float,
+                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """cos/sin tables [S, Dh/2] of rotary position embeddings (Su et al. 2021), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
 

@@ -72,9 +72,6 @@ class MoETransformer(nn.Module):
         self._init_dense_weights(out_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
 
     def _init_dense_weights(self, out_std: float) -> None:
         """Normal(0, init_std) for embeddings and dense matrices; depth-scaled for residual outputs.
@@ -120,14 +117,18 @@ class MoETransformer(nn.Module):
         if input_ids_BS.shape[1] > self.cfg.seq_len:
             raise ValueError(f"sequence of {input_ids_BS.shape[1]} tokens > model.seq_len={self.cfg.seq_len}")
         x = self.embed(input_ids_BS)
+        # built per forward (a [S, Dh/2] outer product), not kept as buffers: a bf16 engine casts buffers to bf16,
+        # which rounds the angles of far positions
+        cos, sin = rope_tables(input_ids_BS.shape[1], self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta,
+                               x.device)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                x, l_aux = checkpoint(block, x, self.rope_cos, self.rope_sin, input_ids_BS, use_reentrant=False,
+                x, l_aux = checkpoint(block, x, cos, sin, input_ids_BS, use_reentrant=False,
                                       context_fn=_recompute_without_records)
             else:
-                x, l_aux = block(x, self.rope_cos, self.rope_sin, input_ids_BS)
+                x, l_aux = block(x, cos, sin, input_ids_BS)
             if l_aux is not None:
                 aux_loss = aux_loss + l_aux
         h_BSD = self.norm(x)
