@@ -113,7 +113,39 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
-class TokenFile:
+class DocumentTokens:
+    """A memory-mapped token stream `_tokens` cut into documents at `offsets` (D + 1 token offsets), read from
+    `bin_path`: what `PackedDataset` and the data pipeline read, whatever format the files have."""
+
+    bin_path: Path
+    offsets: np.ndarray
+    _tokens: np.ndarray
+
+    @property
+    def label(self) -> str:
+        return str(self.bin_path)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def _document_span(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_documents:
+            raise IndexError(f"document {i} out of range [0, {self.num_documents}) in {self.bin_path}")
+        return self._tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """The token stream (document separators included) from `start` to `stop`, a view of the memmap."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens}] in {self.bin_path}")
+        return self._tokens[start:stop]
+
+
+class TokenFile(DocumentTokens):
     """Read-only memory-mapped view of `PREFIX.bin` / `PREFIX.idx`."""
 
     def __init__(self, path_prefix: str | Path):
@@ -151,29 +183,9 @@ class TokenFile:
         self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_size
                         else np.empty(0, dtype=self.dtype))
 
-    @property
-    def label(self) -> str:
-        return str(self.bin_path)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.offsets) - 1
-
     def document(self, i: int) -> np.ndarray:
         """Tokens of document `i`, without its trailing EOS."""
-        if not 0 <= i < self.num_documents:
-            raise IndexError(f"document {i} out of range [0, {self.num_documents}) in {self.bin_path}")
-        return self._tokens[self.offsets[i]:self.offsets[i + 1] - 1]
-
-    def tokens(self, start: int, stop: int) -> np.ndarray:
-        """The token stream (EOS separators included) from `start` to `stop`, a view of the memmap."""
-        if not 0 <= start <= stop <= self.num_tokens:
-            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens}] in {self.bin_path}")
-        return self._tokens[start:stop]
+        return self._document_span(i)[:-1]
 
 
 class PackedDataset(torch.utils.data.Dataset):

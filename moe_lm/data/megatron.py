@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_lm.data.indexed import TokenFileError
+from moe_lm.data.indexed import DocumentTokens, TokenFileError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -34,7 +34,7 @@ DTYPES = {1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4:
 FLOAT_CODES = {6: "float64", 7: "float32"}  # valid in the format, but not token ids
 
 
-class MegatronTokenFile:
+class MegatronTokenFile(DocumentTokens):
     """Read-only memory-mapped view of a Megatron dataset PREFIX.bin / PREFIX.idx, with `TokenFile`'s interface:
     `offsets` are the token offsets of the documents (D + 1 of them)."""
 
@@ -80,25 +80,6 @@ class MegatronTokenFile:
         self._tokens = (np.memmap(self.bin_path, dtype=self.dtype, mode="r") if bin_size
                         else np.empty(0, dtype=self.dtype))
 
-    @property
-    def label(self) -> str:
-        return str(self.bin_path)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.offsets) - 1
-
     def document(self, i: int) -> np.ndarray:
         """Tokens of document `i`, as stored (with its end-of-document token, if preprocessing appended one)."""
-        if not 0 <= i < self.num_documents:
-            raise IndexError(f"document {i} out of range [0, {self.num_documents}) in {self.bin_path}")
-        return self._tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def tokens(self, start: int, stop: int) -> np.ndarray:
-        if not 0 <= start <= stop <= self.num_tokens:
-            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.num_tokens}] in {self.bin_path}")
-        return self._tokens[start:stop]
+        return self._document_span(i)
