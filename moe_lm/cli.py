@@ -6,7 +6,7 @@
     moe-lm export runs/quickstart --hf exports/quickstart       # a transformers folder (AutoModelForCausalLM)
     moe-lm generate runs/quickstart --prompt "def main("
     moe-lm eval runs/quickstart                                   # validation perplexity -> RUN_DIR/eval.json
-    moe-lm eval runs/quickstart_grmoe --sweep                     # alpha/tau sweep, no retraining
+    moe-lm eval runs/quickstart_grmoe --sweep --baseline runs/quickstart  # alpha/tau sweep vs temperature
     moe-lm info recipes/350m_e8.yaml --gpus 8                     # parameters, FLOPs, memory per GPU
     moe-lm config recipes/quickstart.yaml model.moe.top_k=1       # the resolved recipe
     moe-lm compare runs/a runs/b --out runs/compare
@@ -199,15 +199,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from moe_lm.eval.evaluate import evaluate, run_dir_of
     from moe_lm.train.checkpoint import CheckpointError
-    from moe_lm.train.evaluate import evaluate, run_dir_of, sweep
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
+    if args.baseline is not None and not args.sweep:
+        sys.exit("moe-lm: eval: --baseline is an arm of --sweep; add --sweep")
+    if args.text is not None and args.sweep:
+        sys.exit("moe-lm: eval: --sweep evaluates the validation split; drop --text (or use --data-dir)")
     try:
         check_checkpoint_source(args.checkpoint)
         if args.sweep:
+            from moe_lm.eval.sweep import sweep
+
+            if args.baseline is not None:
+                check_checkpoint_source(args.baseline)
             out = args.out or run_dir_of(args.checkpoint) / "sweep"
-            sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples or 256, out, args.data_dir)
+            sweep(args.checkpoint, args.alphas, args.taus, args.max_experts, args.samples or 256, out, args.data_dir,
+                  args.dropless, args.baseline)
             print(f"wrote {out}/sweep.csv, sweep.json and ppl_vs_active_experts.png")
             return
         out = args.out or run_dir_of(args.checkpoint)
@@ -217,6 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     _print_table(f"{report['router']} on {report['data']}: {out}/eval.json", [
         ("perplexity", f"{report['perplexity']:.3f}"), ("loss", f"{report['loss']:.4f}"),
         ("tokens", f"{report['tokens']:,}"), ("dropless", str(report["dropless"])),
+        ("dropped assignments (capacity)", f"{report['drop_frac']:.2%}"),
         ("active experts per token", f"{report['active_experts']:.3f}"),
         ("token routing entropy", f"{report['token_entropy']:.3f}")])
 
@@ -287,16 +297,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: the run directory for eval.json, "
                                                "RUN_DIR/sweep for --sweep)")
     p.add_argument("--text", default=None, help="a UTF-8 text file to evaluate on instead of the validation split")
-    p.add_argument("--dropless", action="store_true", help="no expert capacity limit (as the transformers export)")
+    p.add_argument("--dropless", action="store_true",
+                   help="no expert capacity limit (as the transformers export); without it --sweep runs at the "
+                        "training capacity factor")
     p.add_argument("--samples", type=int, default=None,
                    help="sequences to evaluate (default: all; with --sweep: 256 per setting)")
     p.add_argument("--data-dir", default=None, help="prepared data (default: the checkpoint's data.dir)")
-    p.add_argument("--sweep", action="store_true", help="sweep grmoe's alpha and tau (sweep.csv, sweep.json, plot)")
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16], help="with --sweep")
+    p.add_argument("--sweep", action="store_true",
+                   help="sweep the post-hoc knobs alpha and tau of grmoe, softmax_topk or mpi (sweep.csv, sweep.json, "
+                        "plot; docs/after-training.md)")
+    p.add_argument("--baseline", default=None, metavar="CHECKPOINT",
+                   help="with --sweep: a second run swept the same way (e.g. softmax_topk: alpha = 1/temperature), "
+                        "in the same table and plot")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8, 16],
+                   help="with --sweep: sharpness values (grmoe's concentration, 1/temperature for softmax routers); "
+                        "the trained one is always added")
     p.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.8, 0.9],
-                   help="with --sweep: mass thresholds of the dispatch (0 = top-k)")
+                   help="with --sweep: mass thresholds of the dispatch; 0 (top-k) is always added")
     p.add_argument("--max-experts", type=int, default=None,
-                   help="with --sweep: cap k_max of threshold dispatch (default top_k)")
+                   help="with --sweep: k_max, the most experts threshold dispatch gives a token, 1..E (default E)")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -184,9 +184,11 @@ class MoEFeedForward(MoE):
         experts = self.local_experts
         return tuple([getattr(e, name).weight for e in experts] for name in ("w1", "w3", "w2"))
 
-    def _capacity(self, num_tokens: int, slots: int) -> int:
+    def _capacity(self, num_tokens: int) -> int:
+        """Buffer slots per expert for top_k assignments per token, however many slots the router fills: threshold
+        dispatch pads K = k_max slots, and a larger K must not buy larger buffers than training had."""
         factor = self.moe_cfg.capacity_factor if self.training else self.moe_cfg.eval_capacity_factor
-        return expert_capacity(num_tokens, slots, self.num_experts, factor, self.moe_cfg.min_capacity)
+        return expert_capacity(num_tokens, self.moe_cfg.top_k, self.num_experts, factor, self.moe_cfg.min_capacity)
 
     def forward(self, x_BSD: Tensor, token_ids_BS: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x [B, S, D] (or [T, D]); `token_ids_BS`, the input ids of those positions, for routers that hash them."""
@@ -239,7 +241,7 @@ class MoEFeedForward(MoE):
         weights_KT = torch.where(expert_ids_TK.t() >= 0, weights_TK.t().float(), 0.0)  # unused slots add nothing
         kept_counts_E = counts_E
         if self.moe_cfg.drop_tokens:
-            capacity = self._capacity(num_tokens, slots)
+            capacity = self._capacity(num_tokens)
             kept_KT = order.location_N.view(slots, num_tokens) < capacity
             weights_KT = torch.where(kept_KT, weights_KT, 0.0)
             kept_counts_E = counts_E.clamp_max(capacity)
@@ -259,7 +261,7 @@ class MoEFeedForward(MoE):
         num_tokens, slots = expert_ids_TK.shape
         counts_E = assignment_counts(expert_ids_TK, self.num_experts)
         if self.moe_cfg.drop_tokens:
-            capacity = self._capacity(num_tokens, slots)
+            capacity = self._capacity(num_tokens)
         else:
             busiest = counts_E.max().clamp_min(1).to(torch.int64)
             dist.all_reduce(busiest, op=dist.ReduceOp.MAX, group=self.deepspeed_moe.ep_group)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from moe_lm.config.schema import RouterConfig
+from moe_lm.routers.functional import mass_threshold_routing, topk_routing
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Router(nn.Module):
     Subclasses implement `forward(x_TD, *, expert_w1_EFD=None, token_ids_T=None, sequence_length=None) ->
     RouterOutput` and may override
     `post_step` (once-per-optimizer-step state such as an expert bias), `diagnostics` (costly, logged every
-    `metrics.diagnostics_interval` steps) and `set_alpha` (routers with a post-hoc sharpness knob).
+    `metrics.diagnostics_interval` steps); routers with post-hoc knobs also mix in `PostHocSparsity`.
     Parameter names must not contain "expert": DeepSpeed sends such keys to the per-expert checkpoint files.
     """
 
@@ -93,3 +94,50 @@ class Router(nn.Module):
             return 0
         ep_size = torch.distributed.get_world_size(self.ep_group)
         return torch.distributed.get_rank(self.ep_group) * (self.num_experts // ep_size)
+
+
+class PostHocSparsity:
+    """Post-hoc sparsity knobs of a router whose probabilities are softmax(α·logits) (grmoe: α·s; softmax_topk and
+    mpi: α = 1/T, an inverse temperature), set after training without retraining (`moe-lm eval --sweep`):
+
+    - `set_alpha(α)`: the sharpness of the softmax; routing entropy falls as α grows;
+    - `set_eval_threshold(τ, k_max)`: evaluation dispatch; τ = 0 is the top-k, τ > 0 gives each token the smallest
+      set of most probable experts holding mass >= τ, at most k_max (`mass_threshold_routing`), so the number of
+      experts per token follows α.
+
+    A router mixes it in before `Router` (`class R(PostHocSparsity, Router)`), multiplies its logits by
+    `self.alpha` and dispatches evaluation with `eval_dispatch`. Defaults: α = 1, τ = 0, k_max = top_k.
+    """
+
+    top_k: int  # both from Router
+    num_experts: int
+    alpha: float = 1.0
+    eval_threshold: float = 0.0
+    max_experts: int = 0
+    """k_max of threshold dispatch; 0 = top_k."""
+
+    def set_alpha(self, alpha: float) -> None:
+        """Sharpness α of softmax(α·logits) from now on (training and evaluation)."""
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def set_eval_threshold(self, tau: float, max_experts: int | None = None) -> None:
+        """Evaluation dispatch: τ = 0 → top-k; τ > 0 → smallest expert set with mass >= τ, at most `max_experts`
+        (None keeps the current cap)."""
+        if not 0 <= tau <= 1:
+            raise ValueError(f"eval threshold must be in [0, 1], got {tau}")
+        if max_experts is not None and not 1 <= max_experts <= self.num_experts:
+            raise ValueError(f"max_experts (k_max) must be in [1, {self.num_experts}] (the number of experts), "
+                             f"got {max_experts}")
+        self.eval_threshold = float(tau)
+        if max_experts is not None:
+            self.max_experts = int(max_experts)
+
+    def eval_dispatch(self, probs_TE: Tensor, renormalize: bool,
+                      selection_scores_TE: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(weights_TK, expert_ids_TK) of evaluation: the top-k (chosen by `selection_scores_TE` if given, as in
+        training) at τ = 0; else the mass threshold on `probs_TE`, K = k_max with -1 in the unused slots."""
+        if self.eval_threshold > 0:
+            return mass_threshold_routing(probs_TE, self.eval_threshold, self.max_experts or self.top_k, renormalize)
+        return topk_routing(probs_TE, self.top_k, renormalize, selection_scores_TE)

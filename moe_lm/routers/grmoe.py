@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (bingham_log_likelihood, diag_gaussian_kl, entropy, gumbel_topk_routing,
-                                       marginal_kl_to_uniform, mass_threshold_routing, orthonormal_frames,
+                                       marginal_kl_to_uniform, orthonormal_frames,
                                        subspace_affinity, subspace_overlap, switch_load_balancing_loss,
                                        topk_mass_min_gap, topk_routing)
 
@@ -156,7 +156,7 @@ def orthogonal_tiling(routing_dim: int, num_experts: int, subspace_dim: int) -> 
     return frames_MEP.permute(1, 0, 2).contiguous()
 
 
-class GrMoERouter(Router):
+class GrMoERouter(PostHocSparsity, Router):
     """GrMoE router: Bingham-mixture responsibilities of a token line over E expert subspaces. [DERIVED]
 
     1. project: x̂ = normalize(P h) ∈ Gr(1, m) (P: `proj`, d → m);
@@ -192,25 +192,6 @@ class GrMoERouter(Router):
                 prior_std = cfg.prior_sigma if cfg.variational == "logit" else cfg.prior_scale
                 self.vi_net[2].bias.zero_()
                 self.vi_net[2].bias[-num_experts:] = softplus_inverse(prior_std - SIGMA_FLOOR)
-
-    # ---- post-hoc knobs (no retraining) -------------------------------------------------------------------------
-
-    def set_alpha(self, alpha: float) -> None:
-        """Sharpness α of g^(α) = softmax(α·s) from now on (training and evaluation). Entropy falls as α grows."""
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.alpha = float(alpha)
-
-    def set_eval_threshold(self, tau: float, max_experts: int | None = None) -> None:
-        """Evaluation dispatch: τ = 0 → top-k; τ > 0 → smallest expert set with mass >= τ, at most `max_experts`
-        (None keeps the current cap)."""
-        if not 0 <= tau <= 1:
-            raise ValueError(f"eval threshold must be in [0, 1], got {tau}")
-        if max_experts is not None and not 1 <= max_experts <= self.num_experts:
-            raise ValueError(f"max_experts must be in [1, {self.num_experts}], got {max_experts}")
-        self.eval_threshold = float(tau)
-        if max_experts is not None:
-            self.max_experts = int(max_experts)
 
     # ---- the math ------------------------------------------------------------------------------------------------
 
@@ -262,11 +243,8 @@ class GrMoERouter(Router):
                 weights_TK, expert_ids_TK = gumbel_topk_routing(probs_TE, self.top_k, cfg.renormalize)
             else:
                 weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
-        elif self.eval_threshold > 0:
-            weights_TK, expert_ids_TK = mass_threshold_routing(probs_TE, self.eval_threshold, self.max_experts,
-                                                               cfg.renormalize)
         else:
-            weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
+            weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, cfg.renormalize)
 
         overlap = subspace_overlap(frames_EMP)  # the separation loss (divided by p) and the separation stat
         losses: dict[str, Tensor] = {}

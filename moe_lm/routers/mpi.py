@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (
     alignment_specificity,
     direction_alignment,
@@ -69,14 +69,15 @@ class MPIConfig(RouterConfig):
                           stacklevel=2)
 
 
-class MPIRouter(Router):
+class MPIRouter(PostHocSparsity, Router):
     """Manifold Power Iteration router.
 
     1. power-then-retract: φ_L = normalize(W1ᵀ W1 r) for this rank's L local experts, `power_steps` times, in
        fp32 (`power=false`: φ = r/||r||);
     2. gather: under expert parallelism, all-gather φ over the EP group into the full [E, D] φ, identical on every
        rank; backward returns each φ_e's gradient, summed over ranks, to the rank that owns expert e;
-    3. logits = R·x φᵀ, probs = softmax, top-k, renormalise; all in fp32 with autocast off;
+    3. logits = R·x φᵀ, probs = softmax(α·logits) (α = 1 in training; `PostHocSparsity`), top-k (or at
+       evaluation the mass threshold), renormalise; all in fp32 with autocast off;
     4. in training with grad enabled: the unscaled Switch load-balancing loss and z-loss.
     """
 
@@ -131,11 +132,14 @@ class MPIRouter(Router):
 
     def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None, token_ids_T: Tensor | None = None,
                 sequence_length: int | None = None) -> RouterOutput:
-        logits_TE = self.logits(x_TD, expert_w1_EFD)
+        logits_TE = self.alpha * self.logits(x_TD, expert_w1_EFD)
         # routing in fp32 with autocast off: under bf16 autocast softmax/top-k would see rounded scores
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             probs_TE = logits_TE.softmax(dim=-1)
-            weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, self.cfg.renormalize)
+            if self.training:
+                weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, self.cfg.renormalize)
+            else:
+                weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, self.cfg.renormalize)
             losses = {}
             if self.training and torch.is_grad_enabled():
                 losses = {"load_balance": switch_load_balancing_loss(probs_TE, expert_ids_TK),

@@ -1,9 +1,11 @@
 """`softmax_topk`: the baseline token-choice router and its strong variants.
 
-probs = softmax(W x); the top-k experts by probability (optionally by probability + an aux-loss-free expert
-bias) get the token, with weights renormalised over the k (Mixtral) or left raw (OLMoE). Balance comes from
-the Switch/GShard loss, the ST-MoE z-loss keeps logits small, and DeepSeek-V3's bias balancing
+probs = softmax(α·W x), α = 1 in training; the top-k experts by probability (optionally by probability + an
+aux-loss-free expert bias) get the token, with weights renormalised over the k (Mixtral) or left raw (OLMoE).
+Balance comes from the Switch/GShard loss, the ST-MoE z-loss keeps logits small, and DeepSeek-V3's bias balancing
 (`bias_update_rate > 0`) is available as the aux-loss-free baseline. k=1 with `renormalize=false` is Switch.
+After training α = 1/T is an inverse temperature to sweep, with mass-threshold dispatch at evaluation
+(`PostHocSparsity`): the baseline arm of `moe-lm eval --sweep`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (alignment_specificity, direction_alignment, expert_scalars, gather_over_group,
                                        principal_right_singular, switch_load_balancing_loss, topk_routing, z_loss)
 
@@ -44,7 +46,7 @@ class SoftmaxTopKConfig(RouterConfig):
             raise ConfigError("model.moe.router.jitter_eps", f"must be < 1, got {self.jitter_eps}")
 
 
-class SoftmaxTopKRouter(Router):
+class SoftmaxTopKRouter(PostHocSparsity, Router):
     def __init__(self, cfg: SoftmaxTopKConfig, d_model: int, num_experts: int, top_k: int):
         super().__init__(cfg, d_model, num_experts, top_k)
         self.proj = nn.Linear(d_model, num_experts, bias=False)
@@ -61,11 +63,14 @@ class SoftmaxTopKRouter(Router):
         x_TD = x_TD.float()
         if self.training and self.cfg.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.cfg.jitter_eps, 1 + self.cfg.jitter_eps)
-        logits_TE = F.linear(x_TD, self.proj.weight.float())
+        logits_TE = self.alpha * F.linear(x_TD, self.proj.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         bias = getattr(self, "balance_bias_E", None)
-        weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, self.cfg.renormalize,
-                                                 None if bias is None else probs_TE + bias)
+        selection_TE = None if bias is None else probs_TE + bias
+        if self.training:
+            weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, self.cfg.renormalize, selection_TE)
+        else:
+            weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, self.cfg.renormalize, selection_TE)
         losses = {}
         if self.training and torch.is_grad_enabled():
             losses = {"load_balance": switch_load_balancing_loss(probs_TE, expert_ids_TK), "z_loss": z_loss(logits_TE)}

@@ -20,7 +20,7 @@ from moe_lm.config.schema import RouterConfig
 from moe_lm.export.hf import ExportError, export_hf, export_problems, export_state_dict, rotate_half_rows
 from moe_lm.model.layers import apply_rope, rope_tables
 from moe_lm.model.transformer import MoETransformer
-from moe_lm.train.evaluate import load_model, make_dropless
+from moe_lm.eval.evaluate import load_model, make_dropless
 from tests.distributed_utils import run_distributed
 from tests.train.test_checkpoint import WORDS, write_corpus
 

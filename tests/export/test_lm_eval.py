@@ -1,5 +1,5 @@
-"""Evaluation of a trained model: `moe-lm eval` (moe_lm/train/evaluate.py) for every router, and the exported folder
-under lm-evaluation-harness's `hf` model type (skipped when lm-eval is not installed: `pip install -e ".[lm-eval]"`).
+"""The exported folder under lm-evaluation-harness's `hf` model type, with moe-lm's log-likelihoods (skipped when
+lm-eval is not installed: `pip install -e ".[lm-eval]"`).
 
 The lm-eval tasks are local: task YAMLs over a jsonl file written by the test, nothing from the hub.
 """
@@ -10,74 +10,21 @@ import math
 import pytest
 import torch
 
+from moe_lm.eval.evaluate import load_model, make_dropless
 from moe_lm.export.hf import export_hf
-from moe_lm.train.evaluate import evaluate, load_model, make_dropless, sweep, text_windows
-from tests.export.test_hf_export import ROUTERS, trained_runs
+from tests.export.test_hf_export import trained_runs
 from tests.train.test_checkpoint import WORDS
 
-TEXT = "".join(" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(12)) + "\n" for i in range(30))
 DOCS = [{"context": " ".join(WORDS[i:i + 4]), "choices": [WORDS[i + 4], "banana", f"{WORDS[i]} {WORDS[i]}"],
          "label": 0, "continuation": f" {WORDS[i + 4]}", "text": " ".join(WORDS[i:i + 8])} for i in range(5)]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_hf_export.one_thread
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only adds waiting
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return trained_runs(tmp_path_factory)
 
-
-# ---- moe-lm eval -------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("router", ROUTERS)
-def test_eval_gives_every_router_the_validation_loss_the_trainer_reported(runs, tmp_path, router):
-    # the trainer's last validation: eval_batches=1 micro-batch of 2 sequences, the first of the split, with capacity
-    report = evaluate(runs / router, tmp_path, num_samples=2, batch_size=2)
-    assert json.loads((tmp_path / "eval.json").read_text()) == report
-    summary = json.loads((runs / router / "summary.json").read_text())
-    assert report["router"] == router and report["samples"] == 2 and report["tokens"] == 2 * 32
-    assert report["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
-    assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
-    assert 1 <= report["active_experts"] <= 4
-
-
-def test_eval_writes_into_the_run_folder_by_default(runs):
-    report = evaluate(runs / "mpi" / "checkpoints", num_samples=1)  # a checkpoints folder: its run
-    assert json.loads((runs / "mpi" / "eval.json").read_text())["loss"] == report["loss"]
-
-
-def test_dropless_eval_on_a_text_file_is_the_loss_of_the_exported_model_on_that_text(runs, tmp_path):
-    text = tmp_path / "held_out.txt"
-    text.write_text(TEXT)
-    report = evaluate(runs / "grmoe", tmp_path, text=text, dropless=True)
-    windows = text_windows(text, runs / "data" / "tokenizer", 32)
-    assert report["samples"] == len(windows) > 1 and report["data"] == str(text) and report["dropless"]
-    export_hf(runs / "grmoe", tmp_path / "hf")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32)
-    with torch.no_grad():
-        losses = [model(ids, labels=ids).loss for ids in (torch.from_numpy(windows.window(i))[None]
-                                                          for i in range(len(windows)))]
-    assert report["loss"] == pytest.approx(torch.stack(losses).mean().item(), abs=1e-4)
-
-
-def test_the_sweep_still_sweeps_grmoe_and_refuses_routers_without_knobs(runs, tmp_path):
-    rows = sweep(runs / "grmoe", [1.0, 4.0], [0.0, 0.8], None, 2, tmp_path / "sweep")
-    assert [(r["alpha"], r["tau"]) for r in rows] == [(1.0, 0.0), (4.0, 0.0), (1.0, 0.8), (4.0, 0.8)]
-    assert {p.name for p in (tmp_path / "sweep").iterdir()} == {"sweep.csv", "sweep.json",
-                                                                "ppl_vs_active_experts.png"}
-    with pytest.raises(ValueError, match="no post-hoc knobs"):
-        sweep(runs / "mpi", [1.0], [0.0], None, 2, tmp_path / "mpi_sweep")
-
-
-# ---- lm-evaluation-harness ---------------------------------------------------------------------------------------
 
 def write_tasks(folder):
     """Three local tasks over one jsonl: multiple choice (loglikelihood), generation, rolling perplexity."""
@@ -133,19 +80,3 @@ def test_the_exported_folder_runs_under_lm_eval_hf_with_moe_lm_loglikelihoods(ru
     for sample in out["samples"]["moe_lm_choice"]:  # arguments: the (context, " " + choice) requests lm-eval made
         expected = [continuation_loglikelihood(model, tokenizer, *request) for request in sample["arguments"]]
         assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(expected, abs=1e-4)
-
-
-def test_cli_eval_writes_eval_json_for_any_router_and_sweeps_with_sweep(runs, tmp_path, capsys):
-    from tests.export.test_hf_export import require_cli
-
-    require_cli("eval", "--sweep")
-    from moe_lm.cli import main
-
-    main(["eval", str(runs / "softmax_topk"), "--samples", "2", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "eval.json").read_text())["router"] == "softmax_topk"
-    assert "eval.json" in capsys.readouterr().out
-    main(["eval", str(runs / "grmoe"), "--sweep", "--alphas", "1", "--taus", "0", "--samples", "2",
-          "--out", str(tmp_path / "sweep")])
-    assert (tmp_path / "sweep" / "sweep.csv").read_text().count("\n") == 2
-    with pytest.raises(SystemExit, match="no post-hoc knobs"):
-        main(["eval", str(runs / "mpi"), "--sweep", "--samples", "1", "--out", str(tmp_path / "x")])

@@ -198,3 +198,15 @@ def test_expert_choice_output_sums_each_tokens_picks_and_leaves_unpicked_tokens_
             expected[t] += weight * layer.local_experts[e](x[t])
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
     assert y[2 * E + 1:].abs().sum() == 0  # picked by no expert: the residual stream carries it unchanged
+
+
+def test_threshold_dispatch_gets_buffers_sized_for_top_k_not_for_k_max():
+    layer = make_layer("grmoe", "model.moe.drop_tokens=true", "model.moe.eval_capacity_factor=1.0",
+                       "model.moe.min_capacity=1").eval()
+    layer.router.set_alpha(0.01)  # near-uniform probabilities: every token needs all E experts to reach τ
+    layer.router.set_eval_threshold(0.99, max_experts=E)
+    layer.gate.record_always = True
+    with torch.no_grad():
+        layer(torch.randn(T, D))
+    assert layer.gate.record["counts_E"].tolist() == [T] * E
+    assert layer.gate.record["kept_counts_E"].tolist() == [expert_capacity(T, K, E, 1.0, 1)] * E  # 16, not 32

@@ -68,3 +68,22 @@ def test_resume_refuses_a_changed_router_shape_key_and_names_it(tmp_path):
     same = to_dict(load_config("recipes/quickstart_grmoe.yaml", ["model.moe.router.subspace_dim=4",
                                                                  "model.moe.router.alpha=2.0"]))
     assert check_compatible(tmp_path, saved, same, layout, weights_only=False)  # alpha is no shape: a warning
+
+
+def test_alpha_is_an_inverse_temperature_and_threshold_dispatch_follows_it():
+    torch.manual_seed(0)
+    router = SoftmaxTopKRouter(SoftmaxTopKConfig(init_std=1.0), 8, E, 2).eval()
+    x_TD = torch.randn(T, 8)
+    logits_TE = x_TD @ router.proj.weight.t()
+    router.set_eval_threshold(0.8, max_experts=E)
+    active = []
+    with torch.no_grad():
+        for alpha in (0.1, 1.0, 10.0):
+            router.set_alpha(alpha)
+            out = router(x_TD)
+            torch.testing.assert_close(out.probs_TE, (alpha * logits_TE).softmax(-1))
+            active.append((out.expert_ids_TK >= 0).sum(-1).float().mean().item())
+    assert active[0] > active[1] > active[2], active  # hotter: more experts reach the mass; colder: fewer
+    router.set_eval_threshold(0.0)
+    with torch.no_grad():
+        assert torch.equal(router(x_TD).expert_ids_TK, router.train()(x_TD).expert_ids_TK)  # τ = 0: training's top-k

@@ -19,7 +19,7 @@ from moe_lm.cli import main
 from moe_lm.export import consolidated_state_dict
 from moe_lm.moe import deepspeed_checkpoint as dsckpt
 from moe_lm.train import checkpoint as ckpt
-from moe_lm.train.evaluate import load_model
+from moe_lm.eval.evaluate import load_model
 from tests.distributed_utils import run_distributed
 from tests.train.test_checkpoint import losses, overrides, trainer_for
 

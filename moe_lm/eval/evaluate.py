@@ -1,20 +1,15 @@
-"""`moe-lm eval`: a trained checkpoint evaluated in one process on the consolidated weights (every expert local),
-so any training layout can be evaluated, for every router.
+"""`moe-lm eval RUN_DIR [--text FILE]`: perplexity of a trained checkpoint, evaluated in one process on the
+consolidated weights (every expert local), so any training layout can be evaluated, for every router.
 
-- `evaluate` (`moe-lm eval RUN_DIR [--text FILE]`): perplexity on the run's validation split, or on a text file
-  tokenized with the run's tokenizer, plus the routing metrics of that pass (mean active experts, routing entropy,
-  top-k mass), written to `OUT/eval.json` (OUT: the run folder by default). The model routes as configured, capacity
-  included, like the trainer's validation; `dropless` lifts the capacity limit, as in the transformers export.
-- `sweep` (`moe-lm eval RUN_DIR --sweep`): for routers with a sharpness knob (`set_alpha`, e.g. grmoe's α in
-  g^(α) = softmax(α·s)) and a mass-threshold dispatch (`set_eval_threshold`: the smallest set of experts holding
-  mass τ, at most k_max), each (α, τ) setting gets the validation perplexity, routing entropy, top-k mass, mean active
-  experts per token and tokens/s, written to `OUT/sweep.csv`, `OUT/sweep.json` and the Pareto plot
-  `OUT/ppl_vs_active_experts.png`, without retraining.
+Perplexity on the run's validation split, or on a text file tokenized with the run's tokenizer, plus the routing
+metrics of that pass (mean active experts, capacity drop fraction, routing entropy, top-k mass), written to
+`OUT/eval.json` (OUT: the run folder by default). The model routes as configured, capacity included, like the
+trainer's validation; `dropless` lifts the capacity limit, as in the transformers export. The post-hoc sparsity
+sweep (`--sweep`) is `moe_lm/eval/sweep.py`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -28,9 +23,6 @@ from moe_lm.data import PackedDataset, load_tokenizer, make_batch, open_split
 from moe_lm.export import config_from_dict, consolidated_state_dict
 from moe_lm.metrics import RoutingTracker
 from moe_lm.model.transformer import MoETransformer
-
-SWEEP_COLUMNS = ("alpha", "tau", "max_experts", "val_loss", "val_ppl", "active_experts", "token_entropy",
-                 "topk_mass", "effective_experts", "tokens_per_s")
 
 
 class TokenWindows:
@@ -91,6 +83,14 @@ def make_dropless(model: MoETransformer) -> MoETransformer:
     return model
 
 
+def make_training_capacity(model: MoETransformer) -> MoETransformer:
+    """Evaluate at the training capacity factor (`model.moe.capacity_factor`, not `eval_capacity_factor`): with
+    micro-batches of `train.micro_batch_size` sequences each expert gets the buffer it had in training."""
+    for layer in model.moe_layers():
+        layer.moe_cfg = dataclasses.replace(layer.moe_cfg, eval_capacity_factor=layer.moe_cfg.capacity_factor)
+    return model
+
+
 @torch.no_grad()
 def evaluate_setting(model: MoETransformer, data: PackedDataset | TokenWindows, num_samples: int,
                      batch_size: int) -> dict[str, float]:
@@ -110,8 +110,9 @@ def evaluate_setting(model: MoETransformer, data: PackedDataset | TokenWindows, 
     routing = tracker.compute()
     loss = loss_sum / tokens
     return {"val_loss": loss, "val_ppl": math.exp(loss), "active_experts": routing["moe/active_experts"],
-            "token_entropy": routing["moe/token_entropy"], "topk_mass": routing["moe/topk_mass"],
-            "effective_experts": routing["moe/effective_experts"], "tokens_per_s": tokens / seconds}
+            "drop_frac": routing["moe/drop_frac"], "token_entropy": routing["moe/token_entropy"],
+            "topk_mass": routing["moe/topk_mass"], "effective_experts": routing["moe/effective_experts"],
+            "tokens_per_s": tokens / seconds}
 
 
 def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, text: str | Path | None = None,
@@ -139,63 +140,9 @@ def evaluate(checkpoint: str | Path, out_dir: str | Path | None = None, text: st
               "data": str(text) if text is not None else str(data_dir / "val"), "samples": samples,
               "tokens": samples * (len(data.window(0)) - 1), "dropless": dropless or not cfg.model.moe.drop_tokens,
               "loss": result["val_loss"], "perplexity": result["val_ppl"],
-              **{k: result[k] for k in ("active_experts", "token_entropy", "topk_mass", "effective_experts",
-                                        "tokens_per_s")}}
+              **{k: result[k] for k in ("active_experts", "drop_frac", "token_entropy", "topk_mass",
+                                        "effective_experts", "tokens_per_s")}}
     out_dir = Path(out_dir) if out_dir is not None else run_dir_of(checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def sweep(checkpoint: str | Path, alphas: list[float], taus: list[float], max_experts: int | None,
-          num_samples: int, out_dir: str | Path, data_dir: str | None = None) -> list[dict[str, float]]:
-    model, cfg = load_model(checkpoint)
-    routers = [layer.router for layer in model.moe_layers()]
-    if not all(hasattr(r, "set_alpha") and hasattr(r, "set_eval_threshold") for r in routers):
-        raise ValueError(f"router {cfg.model.moe.router.name!r} has no post-hoc knobs (set_alpha, set_eval_threshold); "
-                         "the sweep needs a router such as grmoe")
-    data = validation_data(data_dir or cfg.data.dir, cfg.model.seq_len)
-    k_max = max_experts or cfg.model.moe.top_k
-    for layer in model.moe_layers():
-        layer.gate.record_always = True
-    rows = []
-    for tau in taus:
-        for alpha in alphas:
-            for router in routers:
-                router.set_alpha(alpha)
-                router.set_eval_threshold(tau, k_max)
-            result = evaluate_setting(model, data, num_samples, cfg.train.micro_batch_size)
-            rows.append({"alpha": alpha, "tau": tau, "max_experts": k_max, **result})
-            print(" ".join(f"{k}={v:.4g}" for k, v in rows[-1].items()), flush=True)
-    _write(rows, Path(out_dir), str(checkpoint))
-    return rows
-
-
-def _write(rows: list[dict[str, float]], out_dir: Path, checkpoint: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out_dir / "sweep.json").write_text(json.dumps({"checkpoint": checkpoint, "rows": rows}, indent=2))
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for tau in sorted({r["tau"] for r in rows}):
-        points = [r for r in rows if r["tau"] == tau]
-        label = "top-k dispatch" if tau == 0 else f"mass threshold τ={tau:g}"
-        ax.plot([r["active_experts"] for r in points], [r["val_ppl"] for r in points], marker="o", label=label)
-        for r in points:
-            ax.annotate(f"α={r['alpha']:g}", (r["active_experts"], r["val_ppl"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("mean active experts per token")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("Post-hoc sparsity: perplexity vs active experts (one model, α swept)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "ppl_vs_active_experts.png", dpi=120)
