@@ -110,6 +110,9 @@ class MoEConfig:
     """False = dropless: capacity grows to the busiest expert's load (all-reduced max over the EP group)."""
     force_balanced_routing: bool = False
     """Benchmark switch shared by all routers: send token t to experts (t + j) mod E, ignoring the router."""
+    aux_loss_reduction: str = "sum"
+    """How the MoE layers' weighted aux losses combine: "sum" (Megatron, DeepSpeed-MoE: each coefficient applies per
+    layer) or "mean" (the MPI authors' code: the coefficient is shared by all layers, 1/L of "sum")."""
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def expert_width(self, d_ff: int) -> int:
@@ -271,6 +274,8 @@ def validate(cfg: Config) -> None:
     _require(moe.capacity_factor > 0, "model.moe.capacity_factor", f"must be > 0, got {moe.capacity_factor}")
     _require(moe.eval_capacity_factor > 0, "model.moe.eval_capacity_factor",
              f"must be > 0, got {moe.eval_capacity_factor}")
+    _require(moe.aux_loss_reduction in ("sum", "mean"), "model.moe.aux_loss_reduction",
+             f"must be 'sum' or 'mean', got {moe.aux_loss_reduction!r}")
     _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage",
              f"must be 0, 1 or 2, got {p.zero_stage}: native DeepSpeed MoE is not supported with ZeRO-3")
     _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend",

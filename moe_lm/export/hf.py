@@ -152,6 +152,10 @@ def router_tensors(router) -> dict[str, Tensor]:
                "log_normalizer": log_kummer(router.subspace_dim / 2, router.routing_dim / 2, kappa_E, router.kappa_cap)}
         if router.cfg.variational == "concentration":
             out.update({f"vi_net.{k}": v for k, v in router.vi_net.state_dict().items()})
+        if router.cfg.selection_bias == "learned":
+            out["log_prior"] = router.log_prior_E
+        elif router.cfg.selection_bias == "loss_free":
+            out["selection_bias"] = router.balance_bias_E
     else:
         raise ExportError(f"router {name!r}: no inference path to export")
     return {k: v.detach().float().contiguous() for k, v in out.items()}
@@ -171,7 +175,8 @@ def router_config(router) -> dict:
                 "alpha": float(router.alpha), "eval_threshold": float(router.eval_threshold),
                 "max_experts": router.max_experts, "renormalize": cfg.renormalize, "kappa_cap": router.kappa_cap,
                 "variational": "concentration" if cfg.variational == "concentration" else "none",
-                "vi_hidden_dim": cfg.vi_hidden_dim}
+                "vi_hidden_dim": cfg.vi_hidden_dim, "log_prior": cfg.selection_bias == "learned",
+                "selection_bias": cfg.selection_bias == "loss_free"}
     raise ExportError(f"router {cfg.name!r}: no inference path to export")
 
 

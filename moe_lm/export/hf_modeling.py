@@ -242,8 +242,11 @@ class GrMoERouter(nn.Module):
     export (buffers `frames`, `kappa`, `log_normalizer`). With per-token concentrations (VI option B,
     `variational: concentration`), κ̃_te = min(κ_e·exp(μ_φ(h_t)_e), κ_cap) and the normaliser is evaluated per token.
 
+    A learned log-prior log π_e (`log_prior`) is added to α·s; a loss-free selection bias (`selection_bias`) is added
+    to the probabilities when choosing the top-k only.
+
     config.router: subspace_dim p, routing_dim m, alpha, eval_threshold, max_experts, renormalize, kappa_cap,
-    variational ("none" or "concentration"), vi_hidden_dim.
+    variational ("none" or "concentration"), vi_hidden_dim, log_prior and selection_bias (bools; absent = false).
     """
 
     def __init__(self, config: MoELMConfig):
@@ -265,6 +268,8 @@ class GrMoERouter(nn.Module):
         if self.per_token_kappa:
             self.vi_net = nn.Sequential(nn.Linear(config.hidden_size, int(r["vi_hidden_dim"])), nn.SiLU(),
                                         nn.Linear(int(r["vi_hidden_dim"]), 2 * num_experts))
+        for name in ("log_prior", "selection_bias"):
+            self.register_buffer(name, torch.zeros(num_experts) if r.get(name, False) else None)
 
     def scores(self, x_TD: Tensor) -> Tensor:
         """s [T, E], fp32."""
@@ -283,9 +288,13 @@ class GrMoERouter(nn.Module):
                                                    self.kappa_cap)
 
     def forward(self, x_TD: Tensor, expert_w1_EFD: Tensor) -> tuple[Tensor, Tensor]:
-        probs_TE = (self.alpha * self.scores(x_TD)).softmax(dim=-1)
+        logits_TE = self.alpha * self.scores(x_TD)
+        if self.log_prior is not None:
+            logits_TE = logits_TE + self.log_prior.float()
+        probs_TE = logits_TE.softmax(dim=-1)
         if self.eval_threshold <= 0:
-            return topk_weights(probs_TE, self.top_k, self.renormalize)
+            selection_TE = None if self.selection_bias is None else probs_TE + self.selection_bias.float()
+            return topk_weights(probs_TE, self.top_k, self.renormalize, selection_TE)
         sorted_probs_TK, expert_ids_TK = probs_TE.topk(self.max_experts, dim=-1)
         used_TK = (sorted_probs_TK.cumsum(-1) - sorted_probs_TK) < self.eval_threshold  # mass of the better experts
         used_TK[:, 0] = True

@@ -3,7 +3,8 @@
 
 forward(input_ids_BS) -> (logits_BSV, None, aux_loss) and forward(input_ids_BS, targets_BS) -> (None, lm_loss,
 aux_loss): with targets the lm-head and cross-entropy run fused in chunks (`loss.py`), and no logits are returned.
-aux_loss is Σ over MoE layers of each router's weighted aux losses (already scaled by their coefficients).
+aux_loss is Σ over MoE layers of each router's weighted aux losses (already scaled by their coefficients), or
+their mean with `model.moe.aux_loss_reduction: mean`.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ class MoETransformer(nn.Module):
                 x, l_aux = block(x, cos, sin, input_ids_BS)
             if l_aux is not None:
                 aux_loss = aux_loss + l_aux
+        if self.cfg.moe.aux_loss_reduction == "mean":
+            aux_loss = aux_loss / max(1, len(self.moe_layers()))
         h_BSD = self.norm(x)
         if targets_BS is None:
             return self.lm_head(h_BSD), None, aux_loss

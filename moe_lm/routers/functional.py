@@ -67,6 +67,34 @@ def switch_load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor) -> Tenso
     return num_experts * (f_E * probs_sum_E / num_tokens).sum()
 
 
+def sequence_load_balancing_loss(probs_TE: Tensor, expert_ids_TK: Tensor, sequence_length: int) -> Tensor:
+    """The Switch loss per sequence, averaged over sequences: mean_b E · Σ_e f_b,e · P_b,e, with f_b,e and P_b,e
+    the assignment share and mean probability of expert e within sequence b (the MPI authors' code, routers.md
+    §2.3; DeepSeek-V3's sequence-wise balance loss). 1 when every sequence is balanced, E when collapsed.
+
+    It asks each sequence to be balanced, not only the batch; it needs no collective (a sequence lives on one rank),
+    and data-parallel gradient averaging makes it the single-process mean over the global batch.
+    """
+    num_tokens, num_experts = probs_TE.shape
+    if num_tokens % sequence_length:
+        raise ValueError(f"{num_tokens} tokens are not whole sequences of {sequence_length}")
+    num_sequences = num_tokens // sequence_length
+    ids_BX = expert_ids_TK.reshape(num_sequences, -1).long() + 1  # bin 0 takes the unused slots (-1)
+    counts_BE = torch.zeros(num_sequences, num_experts + 1, dtype=torch.float32, device=ids_BX.device)
+    counts_BE = counts_BE.scatter_add_(1, ids_BX, torch.ones_like(ids_BX, dtype=torch.float32))[:, 1:]
+    f_BE = counts_BE / counts_BE.sum(-1, keepdim=True).clamp_min(1.0)
+    mean_probs_BE = probs_TE.reshape(num_sequences, sequence_length, num_experts).mean(1)
+    return num_experts * (f_BE * mean_probs_BE).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_balance_bias(bias_E: Tensor, counts_E: Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3), in place: bias_e += rate · sign(mean load − load_e), so an underused
+    expert's selection score rises and an overloaded one's falls. The bias only selects experts; it never weights."""
+    counts_E = counts_E.to(bias_E)
+    bias_E += rate * torch.sign(counts_E.mean() - counts_E)
+
+
 def z_loss(logits_TE: Tensor) -> Tensor:
     """Router z-loss mean_t logsumexp(logits_t)² (ST-MoE, Zoph et al. 2022, eq. 5): keeps logits small."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
@@ -399,6 +427,16 @@ def alignment_specificity(rows_ED: Tensor, v1_ED: Tensor) -> Tensor:
     num_experts = cos_EE.shape[0]
     own = cos_EE.diagonal().mean()
     return own - (cos_EE.sum() - cos_EE.diagonal().sum()) / max(num_experts * (num_experts - 1), 1)
+
+
+def pairwise_cosine(rows_ED: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, max) over pairs e ≠ e' of |cos∠(r_e, r_e')|: whether routing directions are expert-specific (near 0,
+    as for orthogonal rows) or have drifted to a shared direction (near 1), which a high alignment with each
+    expert's v₁ alone cannot tell."""
+    unit_ED = torch.nn.functional.normalize(rows_ED.float(), dim=-1)
+    cos_EE = (unit_ED @ unit_ED.t()).abs()
+    off_diagonal = ~torch.eye(cos_EE.shape[0], dtype=torch.bool, device=cos_EE.device)
+    return cos_EE[off_diagonal].mean(), cos_EE[off_diagonal].max()
 
 
 def rayleigh_ratio(rows_ED: Tensor, w1_EFD: Tensor, sigma1_E: Tensor | None = None) -> Tensor:

@@ -33,10 +33,11 @@ from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (bingham_log_likelihood, diag_gaussian_kl, entropy, gumbel_topk_routing,
                                        marginal_kl_to_uniform, orthonormal_frames,
                                        subspace_affinity, subspace_overlap, switch_load_balancing_loss,
-                                       topk_mass_min_gap, topk_routing)
+                                       topk_mass_min_gap, topk_routing, update_balance_bias)
 
 DISPATCH_MODES = ("topk", "sample")
 VARIATIONAL_MODES = ("none", "logit", "concentration")
+SELECTION_BIASES = ("none", "learned", "loss_free")
 KAPPA_INIT_EPS = 0.05
 """Auto κ₀ is the C1 gap at which a token inside one subspace can put 1 − ε = 95% of its mass on its top-k."""
 SIGMA_FLOOR = 1e-4
@@ -47,7 +48,7 @@ SIGMA_FLOOR = 1e-4
 class GrMoEConfig(RouterConfig):
     name: str = "grmoe"
     shape_keys: ClassVar[tuple[str, ...]] = tuple(f"model.moe.router.{key}" for key in (
-        "subspace_dim", "routing_dim", "variational", "vi_hidden_dim"))
+        "subspace_dim", "routing_dim", "variational", "vi_hidden_dim", "selection_bias", "kappa_calibration"))
     subspace_dim: int = 0
     """p, the dimension of each expert's subspace. 0 = auto: 8 for E <= 8, 4 for E <= 16, 2 otherwise."""
     routing_dim: int = 0
@@ -89,7 +90,24 @@ class GrMoEConfig(RouterConfig):
     separation_coef: float = 1e-3
     """β_sep, coefficient of L_sep = mean_{e≠e'} ||U_eᵀU_e'||_F² / p (0 when the subspaces are orthogonal)."""
     load_balance_coef: float = 0.0
-    """Standard Switch/GShard load-balancing loss on top (0 = off; for parity runs with the baseline)."""
+    """Standard Switch/GShard load-balancing loss on top (0 = off): unlike the balance KL, which sees only the mean
+    of the soft responsibilities, it sees the hard top-k loads."""
+    selection_bias: str = "none"
+    """A per-expert bias against hard-load imbalance: "none"; "learned" (a log-prior log π_e added to the logits, the
+    mixture weights of the Bingham mixture, learned by gradient); "loss_free" (DeepSeek-V3: a bias added to the
+    probabilities only when choosing the top-k, moved after each step by `bias_update_rate` toward equal loads)."""
+    bias_update_rate: float = 1e-3
+    """u in bias_e += u · sign(mean load − load_e) (selection_bias = loss_free)."""
+    kappa_lr_scale: float = 1.0
+    """s in κ_e = softplus(s·ρ_e). Adam's step does not depend on the gradient's scale, so s multiplies the learning
+    rate of κ (1: κ moves at most about lr per step, which over the quickstart's 300 steps is 0.5 against κ₀ = 4)."""
+    kappa_calibration: bool = False
+    """Rescale κ₀ at the first training forward from the real tokens, to C1's gap / (α · mean_t[max_e a_te −
+    min_e a_te]) with a_te = ||U_eᵀx̂_t||²: the auto κ₀ assumes a token inside one subspace (gap 1), while real
+    tokens start with a gap near 0.2, so the routing starts near uniform. Averaged over all ranks."""
+    alpha_jitter: float = 0.0
+    """j: in training each token's α is drawn log-uniformly from [α·e^−j, α·e^j], so the post-hoc α knob is trained
+    for, not one value of it. 0 = off."""
 
     def resolved_subspace_dim(self, num_experts: int) -> int:
         if self.subspace_dim:
@@ -115,13 +133,18 @@ class GrMoEConfig(RouterConfig):
 
         for key in ("subspace_dim", "routing_dim", "max_experts"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("kappa_init", "kl_coef", "balance_coef", "separation_coef", "load_balance_coef"):
+        for key in ("kappa_init", "kl_coef", "balance_coef", "separation_coef", "load_balance_coef",
+                    "bias_update_rate", "alpha_jitter"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("alpha", "prior_sigma", "prior_scale"):
+        for key in ("alpha", "prior_sigma", "prior_scale", "kappa_lr_scale"):
             require(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
         require(0 < self.kappa_cap < math.inf, "kappa_cap", f"must be finite and > 0, got {self.kappa_cap}")
         require(self.vi_hidden_dim >= 1, "vi_hidden_dim", f"must be >= 1, got {self.vi_hidden_dim}")
         require(self.dispatch in DISPATCH_MODES, "dispatch", f"must be one of {DISPATCH_MODES}, got {self.dispatch!r}")
+        require(self.selection_bias in SELECTION_BIASES, "selection_bias",
+                f"must be one of {SELECTION_BIASES}, got {self.selection_bias!r}")
+        require(self.selection_bias != "loss_free" or self.dispatch == "topk", "selection_bias",
+                "loss_free biases the top-k choice: it needs dispatch=topk")
         require(self.variational in VARIATIONAL_MODES, "variational",
                 f"must be one of {VARIATIONAL_MODES}, got {self.variational!r}")
         require(0 <= self.eval_threshold <= 1, "eval_threshold", f"must be in [0, 1], got {self.eval_threshold}")
@@ -181,7 +204,19 @@ class GrMoERouter(PostHocSparsity, Router):
         nn.init.orthogonal_(self.proj.weight)  # x̂ is scale-free; orthogonal rows keep all token directions
         self.frame_basis_EMP = nn.Parameter(orthogonal_tiling(self.routing_dim, num_experts, self.subspace_dim))
         kappa_init = cfg.resolved_kappa_init(num_experts, top_k)
-        self.rho_E = nn.Parameter(torch.full((num_experts,), softplus_inverse(kappa_init)))
+        self.kappa_lr_scale = cfg.kappa_lr_scale
+        self.rho_E = nn.Parameter(torch.full((num_experts,), softplus_inverse(kappa_init) / cfg.kappa_lr_scale))
+        if cfg.kappa_calibration:
+            # κ = scale · softplus(s·ρ); a buffer, not a parameter edit: optimizers with master weights (DeepSpeed
+            # bf16, ZeRO) would overwrite an in-place change of ρ at their next step
+            self.register_buffer("kappa_scale", torch.ones(()))
+            self.register_buffer("kappa_calibrated", torch.zeros((), dtype=torch.bool))
+            self._calibration_pending: bool | None = None  # the buffer, read once; None = not read yet
+            self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_calibration_pending", None))
+        if cfg.selection_bias == "learned":
+            self.log_prior_E = nn.Parameter(torch.zeros(num_experts))
+        elif cfg.selection_bias == "loss_free":
+            self.register_buffer("balance_bias_E", torch.zeros(num_experts))
         if cfg.variational != "none":
             # option A: σ per expert; option B: (μ, σ) per expert. Starts at q = prior (KL = 0).
             outputs = num_experts if cfg.variational == "logit" else 2 * num_experts
@@ -200,8 +235,31 @@ class GrMoERouter(PostHocSparsity, Router):
         return orthonormal_frames(self.frame_basis_EMP)
 
     def concentrations(self) -> Tensor:
-        """κ [E] = min(softplus(ρ), κ_cap)."""
-        return F.softplus(self.rho_E.float()).clamp(max=self.kappa_cap)
+        """κ [E] = min(scale · softplus(s·ρ), κ_cap), scale = 1 unless `kappa_calibration` set it."""
+        kappa_E = F.softplus(self.kappa_lr_scale * self.rho_E.float())
+        if self.cfg.kappa_calibration:
+            kappa_E = self.kappa_scale.float() * kappa_E
+        return kappa_E.clamp(max=self.kappa_cap)
+
+    @torch.no_grad()
+    def _calibrate_kappa(self, affinity_TE: Tensor) -> None:
+        """Once, at the first training forward (`kappa_calibration`): scale κ so that the mean real-token affinity
+        gap reaches C1's gap at α. Reads the flag from the host once per process, never again."""
+        if self._calibration_pending is None:
+            self._calibration_pending = not bool(self.kappa_calibrated)
+        if not self._calibration_pending:
+            return
+        gap = (affinity_TE.amax(-1) - affinity_TE.amin(-1)).mean()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(gap)
+            gap = gap / torch.distributed.get_world_size()
+        target = topk_mass_min_gap(self.num_experts, self.top_k, KAPPA_INIT_EPS)
+        target = target if target > 0 else 4.0  # top_k = E: C1 is vacuous (as for the auto κ₀)
+        kappa_E = F.softplus(self.kappa_lr_scale * self.rho_E.float())
+        wanted = (target / (self.alpha * gap.clamp_min(1e-3))).clamp(max=0.5 * self.kappa_cap)
+        self.kappa_scale.copy_(wanted / kappa_E.mean())
+        self.kappa_calibrated.fill_(True)
+        self._calibration_pending = False
 
     @property
     def loss_coefs(self) -> dict[str, float]:
@@ -216,6 +274,8 @@ class GrMoERouter(PostHocSparsity, Router):
         x_hat_TM = F.normalize(F.linear(x_TD, self.proj.weight.float()), dim=-1)
         frames_EMP = self.frames()
         affinity_TE = subspace_affinity(x_hat_TM, frames_EMP)
+        if cfg.kappa_calibration and self.training:
+            self._calibrate_kappa(affinity_TE.detach())
         kappa_E = self.concentrations()
         sample = self.training  # VI noise and Gumbel sampling in training; means and top-k in evaluation
 
@@ -230,21 +290,27 @@ class GrMoERouter(PostHocSparsity, Router):
         else:
             scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim,
                                                self.kappa_cap)
-        logits_TE = self.alpha * scores_TE
+        alpha = self.alpha
+        if sample and cfg.alpha_jitter > 0:
+            log_jitter_T1 = (2 * torch.rand(scores_TE.shape[0], 1, device=scores_TE.device) - 1) * cfg.alpha_jitter
+            alpha = self.alpha * log_jitter_T1.exp()
+        logits_TE = alpha * scores_TE
+        if cfg.selection_bias == "learned":
+            logits_TE = logits_TE + self.log_prior_E.float()
         if cfg.variational == "logit":
             mu_TE, vi_sigma_TE = self._vi_net_outputs(x_TD)  # μ = 0: q and the prior share the mean α·s
             if sample:
                 logits_TE = logits_TE + vi_sigma_TE * torch.randn_like(logits_TE)
             kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_sigma)
         probs_TE = logits_TE.softmax(dim=-1)
+        selection_TE = probs_TE + self.balance_bias_E if cfg.selection_bias == "loss_free" else None
 
-        if self.training:
-            if cfg.dispatch == "sample":
-                weights_TK, expert_ids_TK = gumbel_topk_routing(probs_TE, self.top_k, cfg.renormalize)
-            else:
-                weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize)
+        if self.training and cfg.dispatch == "sample":
+            weights_TK, expert_ids_TK = gumbel_topk_routing(probs_TE, self.top_k, cfg.renormalize)
+        elif self.training:
+            weights_TK, expert_ids_TK = topk_routing(probs_TE, self.top_k, cfg.renormalize, selection_TE)
         else:
-            weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, cfg.renormalize)
+            weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, cfg.renormalize, selection_TE)
 
         overlap = subspace_overlap(frames_EMP)  # the separation loss (divided by p) and the separation stat
         losses: dict[str, Tensor] = {}
@@ -273,6 +339,7 @@ class GrMoERouter(PostHocSparsity, Router):
         token_entropy = entropy(probs_TE).mean()
         stats = {
             "kappa_mean": kappa_E.mean(), "kappa_min": kappa_E.min(), "kappa_max": kappa_E.max(),
+            "kappa_std": torch.var_mean(kappa_E, correction=0)[0].sqrt(),  # Tensor.std reads a scalar back on CPU
             "token_entropy": token_entropy,
             "effective_experts": token_entropy.exp(),
             "topk_mass": probs_TE.topk(self.top_k, dim=-1).values.sum(-1).mean(),
@@ -282,6 +349,14 @@ class GrMoERouter(PostHocSparsity, Router):
         if vi_sigma_TE is not None:
             stats["vi_sigma_mean"] = vi_sigma_TE.mean()
         return {name: value.detach().float() for name, value in stats.items()}
+
+    @property
+    def needs_step_counts(self) -> bool:
+        return self.cfg.selection_bias == "loss_free"
+
+    def post_step(self, counts_E: Tensor) -> None:
+        if self.cfg.selection_bias == "loss_free":
+            update_balance_bias(self.balance_bias_E, counts_E, self.cfg.bias_update_rate)
 
     @torch.no_grad()
     def diagnostics(self, expert_w1_EFD: Tensor | None = None) -> dict[str, float]:

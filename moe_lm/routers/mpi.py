@@ -29,8 +29,10 @@ from moe_lm.routers.functional import (
     expert_scalars,
     gather_over_group,
     manifold_power_iteration,
+    pairwise_cosine,
     principal_right_singular,
     rayleigh_ratio,
+    sequence_load_balancing_loss,
     switch_load_balancing_loss,
     topk_routing,
     z_loss,
@@ -52,6 +54,9 @@ class MPIConfig(RouterConfig):
     """Renormalise the top-k weights to sum to 1 (as the code does)."""
     load_balance_coef: float = 0.01
     """Switch/GShard load-balancing loss coefficient (the baseline's loss and default; the paper's is unknown)."""
+    balance_scope: str = "batch"
+    """Where the load-balancing loss asks for balance: "batch" (the Switch loss over the global batch, as the
+    baseline) or "sequence" (per sequence, averaged: the authors' code)."""
     z_loss_coef: float = 0.0
     """ST-MoE router z-loss coefficient (the code has none: MPI logits are bounded by R·||x||)."""
     init_std: float = 0.0
@@ -64,6 +69,9 @@ class MPIConfig(RouterConfig):
         for key in ("logit_scale", "load_balance_coef", "z_loss_coef", "init_std"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.moe.router.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.balance_scope not in ("batch", "sequence"):
+            raise ConfigError("model.moe.router.balance_scope",
+                              f"must be 'batch' or 'sequence', got {self.balance_scope!r}")
         if not self.power and (self.power_steps != 1 or self.detach_w1):
             warnings.warn("model.moe.router.power=false (normalised rows): power_steps and detach_w1 are ignored",
                           stacklevel=2)
@@ -142,8 +150,13 @@ class MPIRouter(PostHocSparsity, Router):
                 weights_TK, expert_ids_TK = self.eval_dispatch(probs_TE, self.cfg.renormalize)
             losses = {}
             if self.training and torch.is_grad_enabled():
-                losses = {"load_balance": switch_load_balancing_loss(probs_TE, expert_ids_TK),
-                          "z_loss": z_loss(logits_TE)}
+                if self.cfg.balance_scope == "sequence":
+                    if sequence_length is None:
+                        raise ValueError("mpi with balance_scope=sequence needs the sequence_length of its tokens")
+                    balance = sequence_load_balancing_loss(probs_TE, expert_ids_TK, sequence_length)
+                else:
+                    balance = switch_load_balancing_loss(probs_TE, expert_ids_TK)
+                losses = {"load_balance": balance, "z_loss": z_loss(logits_TE)}
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses)
 
     @torch.no_grad()
@@ -151,7 +164,8 @@ class MPIRouter(PostHocSparsity, Router):
         """Alignment a_e = |⟨φ_e, v₁(W1_e)⟩| and Rayleigh ratio ||W1_e φ_e|| / σ₁(W1_e), per expert and mean, from an
         exact SVD; plus the means of the same two for the raw rows r (what the optimizer moves; compare
         `softmax_topk`), of the spectral gap σ₂/σ₁ (near 1, v₁ is ill-defined and alignment means little), and the
-        specificity of φ and of r (own expert's v₁ vs the others': `functional.alignment_specificity`).
+        specificity of φ and of r (own expert's v₁ vs the others': `functional.alignment_specificity`), and the
+        mean and max |cos| between different experts' φ (`functional.pairwise_cosine`).
         Collective under expert parallelism: every rank of the EP group must call it, and all return the full dict.
         """
         if expert_w1_EFD is None:
@@ -169,8 +183,10 @@ class MPIRouter(PostHocSparsity, Router):
                                                     rayleigh_ratio(rows_LD, w1_LFD, sigma_LR[:, 0]),
                                                     sigma_LR[:, 1] / sigma_LR[:, 0]], dim=1), self.ep_group).mean(0)
         phi_ED, v1_ED = gather_over_group(phi_LD, self.ep_group), gather_over_group(v1_LD, self.ep_group)
+        pairwise_mean, pairwise_max = pairwise_cosine(phi_ED)
         return {**expert_scalars("mpi/alignment", alignment_E), **expert_scalars("mpi/rayleigh", rayleigh_E),
                 "mpi/row_alignment_mean": summary_3E[0].item(), "mpi/row_rayleigh_mean": summary_3E[1].item(),
                 "mpi/sigma2_over_sigma1_mean": summary_3E[2].item(),
                 "mpi/specificity": alignment_specificity(phi_ED, v1_ED).item(),
+                "mpi/phi_pairwise_cos_mean": pairwise_mean.item(), "mpi/phi_pairwise_cos_max": pairwise_max.item(),
                 "mpi/row_specificity": alignment_specificity(self.rows, v1_ED).item()}

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (alignment_specificity, direction_alignment, expert_scalars, gather_over_group,
-                                       principal_right_singular, switch_load_balancing_loss, topk_routing, z_loss)
+                                       principal_right_singular, switch_load_balancing_loss, topk_routing,
+                                       update_balance_bias, z_loss)
 
 
 @dataclass
@@ -83,8 +84,7 @@ class SoftmaxTopKRouter(PostHocSparsity, Router):
     @torch.no_grad()
     def post_step(self, counts_E: Tensor) -> None:
         if self.cfg.bias_update_rate > 0:
-            counts_E = counts_E.to(self.balance_bias_E)
-            self.balance_bias_E += self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+            update_balance_bias(self.balance_bias_E, counts_E, self.cfg.bias_update_rate)
 
     @torch.no_grad()
     def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:

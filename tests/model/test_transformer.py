@@ -44,6 +44,19 @@ def test_loss_is_next_token_cross_entropy_and_gradients_reach_every_parameter():
     assert missing == []
 
 
+
+def test_aux_loss_reduction_mean_divides_the_layers_sum_by_the_number_of_moe_layers():
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    aux = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(0)
+        model = MoETransformer(tiny_config("model.n_layers=3", f"model.moe.aux_loss_reduction={reduction}").model)
+        aux[reduction] = model(tokens, tokens.roll(-1, 1))[2]
+    torch.testing.assert_close(aux["mean"], aux["sum"] / 3)
+    with pytest.raises(Exception, match="model.moe.aux_loss_reduction"):
+        tiny_config("model.moe.aux_loss_reduction=max")
+
+
 def test_moe_layer_placement_follows_layer_freq():
     model = MoETransformer(tiny_config("model.n_layers=4", "model.moe.layer_freq=2").model)
     assert [i for i, b in enumerate(model.blocks) if b.ffn in model.moe_layers()] == [1, 3]

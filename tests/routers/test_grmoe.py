@@ -523,3 +523,96 @@ def test_expert_parallel_layer_over_two_processes_matches_the_single_process_lay
     expected = {"y": y_BSD.detach(), "l_aux": l_aux.detach(), "y_eval": y_eval_BSD,
                 "grads": {name: p.grad.clone() for name, p in layer.router.named_parameters()}}
     run_distributed(_ep2_worker, 2, x_BSD, w_BSD, expected)
+
+
+# ---- variants that balance hard loads and let κ move (issue 12) ---------------------------------------------------
+
+def test_loss_free_bias_picks_an_underused_expert_while_the_probabilities_still_weight_it():
+    router = make_router(selection_bias="loss_free", bias_update_rate=0.5).eval()
+    assert router.needs_step_counts
+    x_TD = torch.randn(T, D)
+    plain = router(x_TD)
+    assert not (plain.expert_ids_TK == 3).all(-1).any()
+    router.post_step(torch.tensor([40.0, 40.0, 40.0, 0.0]))  # expert 3 got nothing: its bias rises, the others' fall
+    assert router.balance_bias_E.tolist() == pytest.approx([-0.5, -0.5, -0.5, 0.5])
+    biased = router(x_TD)
+    torch.testing.assert_close(biased.probs_TE, plain.probs_TE)  # the bias never enters the distribution
+    assert (biased.expert_ids_TK == 3).any(-1).all()
+    picked_TK = biased.probs_TE.gather(-1, biased.expert_ids_TK)
+    torch.testing.assert_close(biased.weights_TK, picked_TK / picked_TK.sum(-1, keepdim=True))
+
+
+def test_loss_free_bias_needs_topk_dispatch():
+    with pytest.raises(ConfigError, match="model.moe.router.selection_bias"):
+        GrMoEConfig(selection_bias="loss_free", dispatch="sample").validate(MoEConfig(num_experts=E, top_k=K))
+
+
+def test_learned_log_prior_shifts_the_mixture_weights_and_gets_gradients():
+    router = make_router(selection_bias="learned")
+    x_TD = torch.randn(T, D)
+    before = router(x_TD).probs_TE.detach()
+    with torch.no_grad():
+        router.log_prior_E[1] = 2.0
+    out = router(x_TD)
+    expected = (before.log() + torch.tensor([0.0, 2.0, 0.0, 0.0])).softmax(-1)  # g ∝ π_e · exp(α s_e)
+    torch.testing.assert_close(out.probs_TE, expected, rtol=1e-5, atol=1e-6)
+    sum(out.aux_losses.values()).backward()
+    assert router.log_prior_E.grad is not None and router.log_prior_E.grad.abs().sum() > 0
+
+
+def test_kappa_lr_scale_multiplies_how_far_one_adam_step_moves_kappa():
+    moved = {}
+    for scale in (1.0, 10.0):
+        router = make_router(kappa_lr_scale=scale)
+        kappa_before = router.concentrations().detach().clone()
+        optimizer = torch.optim.Adam([router.rho_E], lr=1e-3)
+        out = router(torch.randn(T, D, generator=torch.Generator().manual_seed(3)))
+        (out.probs_TE[:, 0].mean() + out.probs_TE.square().sum()).backward()  # any loss that reaches κ
+        optimizer.step()
+        moved[scale] = (router.concentrations() - kappa_before).abs().mean().item()
+    torch.testing.assert_close(make_router(kappa_lr_scale=10.0).concentrations(), make_router().concentrations())
+    assert moved[10.0] / moved[1.0] == pytest.approx(10.0, rel=0.05)
+
+
+def test_kappa_calibration_sets_kappa0_from_the_real_token_gap_once_and_survives_a_reload():
+    router = make_router(kappa_calibration=True)
+    x_TD = torch.randn(T, D)
+    with torch.no_grad():
+        affinity_TE = subspace_affinity(torch.nn.functional.normalize(router.proj(x_TD), dim=-1), router.frames())
+    mean_gap = (affinity_TE.amax(-1) - affinity_TE.amin(-1)).mean()
+    router.eval()(x_TD)
+    assert not router.kappa_calibrated  # evaluation never calibrates
+    router.train()(x_TD)
+    kappa = router.concentrations()
+    target = topk_mass_min_gap(E, K, 0.05)
+    assert (kappa.mean() * mean_gap).item() == pytest.approx(target, rel=1e-4)  # κ₀ · gap = C1's gap at α = 1
+    assert kappa.mean() > make_router().concentrations().mean()  # real tokens have a gap below 1: κ₀ rises
+    router(torch.randn(T, D) * 5)  # a second batch does not recalibrate
+    torch.testing.assert_close(router.concentrations(), kappa)
+    reloaded = make_router(seed=1, kappa_calibration=True)
+    reloaded.load_state_dict(router.state_dict())
+    reloaded.train()(torch.randn(T, D))
+    torch.testing.assert_close(reloaded.concentrations(), kappa)
+
+
+def test_alpha_jitter_draws_each_training_tokens_alpha_from_its_log_uniform_range():
+    router = make_router(alpha=2.0, alpha_jitter=0.5)
+    x_TD = torch.randn(T, D)
+    with torch.no_grad():
+        trained = router.train()(x_TD).probs_TE
+        evaluated = router.eval()(x_TD).probs_TE
+    log_ratio_TE = trained.log() - trained.log()[:, :1]  # α_t · (s_te − s_t0)
+    plain_TE = evaluated.log() - evaluated.log()[:, :1]  # 2 · (s_te − s_t0)
+    alpha_T = 2.0 * log_ratio_TE[:, 1] / plain_TE[:, 1]
+    assert alpha_T.min() >= 2.0 * math.exp(-0.5) - 1e-3 and alpha_T.max() <= 2.0 * math.exp(0.5) + 1e-3
+    assert alpha_T.std() > 0.1  # per token, not one α per batch
+    torch.testing.assert_close(router.eval()(x_TD).probs_TE, evaluated)  # evaluation is deterministic at α
+
+
+def test_variant_recipes_load_and_name_their_options():
+    cases = {"quickstart_grmoe_switch.yaml": ("load_balance_coef", 0.01),
+             "quickstart_grmoe_loss_free.yaml": ("selection_bias", "loss_free"),
+             "quickstart_grmoe_kappa.yaml": ("kappa_calibration", True)}
+    for recipe, (key, value) in cases.items():
+        router_cfg = load_config(REPO / "recipes" / recipe).model.moe.router
+        assert router_cfg.name == "grmoe" and getattr(router_cfg, key) == value

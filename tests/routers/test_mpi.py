@@ -288,7 +288,8 @@ def test_diagnostics_report_alignment_and_rayleigh_per_expert_and_mean():
     per_expert = [f"mpi/{m}/e{e}" for m in ("alignment", "rayleigh") for e in range(E)]
     summary = {"mpi/alignment_mean", "mpi/rayleigh_mean", "mpi/row_alignment_mean", "mpi/row_rayleigh_mean",
                "mpi/sigma2_over_sigma1_mean"}
-    assert set(diag) == summary | set(per_expert) | {"mpi/specificity", "mpi/row_specificity"}
+    assert set(diag) == summary | set(per_expert) | {"mpi/specificity", "mpi/row_specificity",
+                                                     "mpi/phi_pairwise_cos_mean", "mpi/phi_pairwise_cos_max"}
     assert all(isinstance(diag[k], float) and 0 <= diag[k] <= 1 + 1e-6 for k in summary | set(per_expert))
     v1 = principal_right_singular(w1)[1]
     assert diag["mpi/specificity"] == pytest.approx(alignment_specificity(router.directions(w1), v1).item(), abs=1e-6)
@@ -460,3 +461,56 @@ def test_specificity_separates_own_expert_alignment_from_a_shared_direction():
     assert direction_alignment(shared, shared).mean().item() == pytest.approx(1.0)
     assert alignment_specificity(shared, shared).item() == pytest.approx(0.0, abs=1e-6)
 
+
+
+# ---- options faithful to the authors' code (issue 12) -------------------------------------------------------------
+
+def test_sequence_balance_loss_asks_each_sequence_to_be_balanced_not_only_the_batch():
+    from moe_lm.routers.functional import sequence_load_balancing_loss, switch_load_balancing_loss
+
+    seq = 8
+    ids_TK = torch.arange(E).repeat_interleave(seq)[:, None]  # sequence b sends every token to expert b
+    probs_TE = F.one_hot(ids_TK[:, 0], E).float()
+    assert switch_load_balancing_loss(probs_TE, ids_TK).item() == pytest.approx(1.0)  # the batch is balanced
+    assert sequence_load_balancing_loss(probs_TE, ids_TK, seq).item() == pytest.approx(E)  # no sequence is
+    uniform_ids_TK = torch.arange(E * seq)[:, None] % E
+    assert sequence_load_balancing_loss(torch.full((E * seq, E), 1 / E), uniform_ids_TK, seq).item() == \
+        pytest.approx(1.0)
+    with pytest.raises(ValueError, match="whole sequences"):
+        sequence_load_balancing_loss(probs_TE, ids_TK, 7)
+
+
+def test_balance_scope_sequence_is_the_load_balance_loss_of_the_router():
+    from moe_lm.routers.functional import sequence_load_balancing_loss
+
+    router = make_router(balance_scope="sequence")
+    x_TD, w1 = make_tokens(), make_w1()
+    out = router(x_TD, expert_w1_EFD=w1, sequence_length=8)
+    torch.testing.assert_close(out.aux_losses["load_balance"],
+                               sequence_load_balancing_loss(out.probs_TE, out.expert_ids_TK, 8))
+    with pytest.raises(ValueError, match="sequence_length"):
+        router(x_TD, expert_w1_EFD=w1)
+    with pytest.raises(ConfigError, match="model.moe.router.balance_scope"):
+        MPIConfig(balance_scope="token").validate(MoEConfig(num_experts=E, top_k=K))
+
+
+def test_pairwise_cosine_tells_expert_specific_directions_from_a_shared_one():
+    from moe_lm.routers.functional import pairwise_cosine
+
+    orthogonal_ED = torch.eye(E, D)
+    assert [v.item() for v in pairwise_cosine(orthogonal_ED)] == pytest.approx([0.0, 0.0], abs=1e-6)
+    shared_ED = torch.randn(1, D).repeat(E, 1) * torch.tensor([1.0, -2.0, 3.0, 0.5])[:, None]  # signs do not matter
+    assert [v.item() for v in pairwise_cosine(shared_ED)] == pytest.approx([1.0, 1.0], abs=1e-6)
+    router = make_router()
+    diagnostics = router.diagnostics(make_w1())
+    phi_mean, phi_max = pairwise_cosine(router.directions(make_w1()))
+    assert diagnostics["mpi/phi_pairwise_cos_mean"] == pytest.approx(phi_mean.item())
+    assert diagnostics["mpi/phi_pairwise_cos_max"] == pytest.approx(phi_max.item())
+
+
+def test_the_code_faithful_recipe_names_each_option():
+    cfg = load_config(RECIPES / "quickstart_mpi_code.yaml")
+    assert cfg.model.moe.router.name == "mpi"
+    assert cfg.model.moe.router.balance_scope == "sequence"
+    assert cfg.model.moe.router.logit_scale == 0.125
+    assert cfg.model.moe.aux_loss_reduction == "mean"

@@ -35,8 +35,10 @@ T = 64
 
 STRUCTURAL_OPTIONS: dict[str, list[list[str]]] = {
     "softmax_topk": [["bias_update_rate=0.01"], ["jitter_eps=0.01"]],
-    "grmoe": [["variational=logit"], ["variational=concentration"], ["dispatch=sample"], ["load_balance_coef=0.01"]],
-    "mpi": [["power=false"], ["detach_w1=true"], ["power_steps=2"], ["z_loss_coef=0.001"]],
+    "grmoe": [["variational=logit"], ["variational=concentration"], ["dispatch=sample"], ["load_balance_coef=0.01"],
+              ["selection_bias=loss_free"], ["selection_bias=learned"], ["kappa_calibration=true"],
+              ["kappa_lr_scale=10", "alpha_jitter=0.5"]],
+    "mpi": [["power=false"], ["detach_w1=true"], ["power_steps=2"], ["z_loss_coef=0.001"], ["balance_scope=sequence"]],
 }
 """Non-default router options that add parameters, buffers or forward paths; every registered router also runs
 with its defaults."""
@@ -72,7 +74,7 @@ def router_step(layer, x_TD: torch.Tensor):
     router = layer.router
     token_ids_T = torch.arange(x_TD.shape[0], device=x_TD.device) * 37 % 4096  # for routers that hash token ids
     out = router(x_TD, expert_w1_EFD=layer.local_expert_w1() if router.needs_expert_w1 else None,
-                 token_ids_T=token_ids_T)
+                 token_ids_T=token_ids_T, sequence_length=x_TD.shape[0] // 4)
     weights = out.weights_EC if out.expert_choice else out.weights_TK
     loss = weights.float().sum() + sum(out.aux_losses.values())
     if loss.requires_grad:  # a fixed router (hash) has nothing to backpropagate into
