@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
+from moe_lm.checkpoint import load_model
 from moe_lm.export.hf import export_hf
-from moe_lm.train.evaluate import evaluate, load_model, make_dropless, sweep, text_windows
+from moe_lm.train.evaluate import evaluate, make_dropless, sweep, text_windows
+from tests.checkpoint.test_checkpoint import WORDS
 from tests.export.test_hf_export import ROUTERS, trained_runs
-from tests.train.test_checkpoint import WORDS
 
 TEXT = "".join(" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(12)) + "\n" for i in range(30))
 DOCS = [{"context": " ".join(WORDS[i:i + 4]), "choices": [WORDS[i + 4], "banana", f"{WORDS[i]} {WORDS[i]}"],
