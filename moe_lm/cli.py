@@ -71,9 +71,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     # an unreachable master within parallel.init_timeout_s; the Trainer then finds the process group ready
     check_layout(cfg.parallel, env.world_size, cfg.model.moe.num_experts)
     init_distributed(cfg.parallel, env)
+    from moe_lm.checkpoint import CheckpointError
     from moe_lm.data import DataError
     from moe_lm.train import Trainer
-    from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.faults import TrainingDiverged
     from moe_lm.train.run_dir import RunDirError
 
@@ -161,9 +161,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from moe_lm.export import export_checkpoint
+    from moe_lm.checkpoint import CheckpointError, export_checkpoint
     from moe_lm.export.hf import ExportError, export_hf
-    from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     if (args.out is None) == (args.hf is None):
@@ -184,9 +183,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from moe_lm.checkpoint import CheckpointError
     from moe_lm.export.hf import ExportError
     from moe_lm.generate import generate, is_hf_folder
-    from moe_lm.train.checkpoint import CheckpointError
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     try:
@@ -199,8 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from moe_lm.eval.evaluate import evaluate, run_dir_of
-    from moe_lm.train.checkpoint import CheckpointError
+    from moe_lm.checkpoint import CheckpointError, run_dir_of
+    from moe_lm.eval.evaluate import evaluate
     from moe_lm.train.run_dir import RunDirError, check_checkpoint_source
 
     if args.baseline is not None and not args.sweep:

@@ -63,7 +63,7 @@ def router_fwd_bwd_ms(recipe: str, router: str, repeats: int) -> float:
 
 def checkpoint_save(recipe: str, overrides: list[str], out: Path, saves: int) -> dict:
     """Save timings through the trainer, in this process (a world of one)."""
-    from moe_lm.moe import deepspeed_checkpoint as dsckpt
+    import moe_lm.moe.deepspeed_checkpoint as dsckpt
     from moe_lm.train import Trainer
 
     cfg = load_config(recipe, [*CHECKPOINT_SHAPE, f"run.dir={out / 'checkpoint_run'}", *overrides])

@@ -8,7 +8,7 @@
         run_distributed(_worker, 2, expected)
 
 Each process gets MASTER_ADDR/MASTER_PORT/RANK/LOCAL_RANK/WORLD_SIZE, one intra-op thread (2 ranks on 2 cores),
-`deepspeed.init_distributed(dist_backend="gloo")` without DeepSpeed's 55 s shm-op JIT build, and a clean
+the process group that training uses (`moe_lm.moe.engine.init_process_group` on gloo), and a clean
 process-group teardown. An exception in a worker fails the test with the worker's traceback; a worker that hangs
 is killed after `timeout_s`. (`tests` is a package and pytest puts the repository root on sys.path; the spawned
 workers inherit the parent's sys.path, so they can import the test module that defines `fn`.)
@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,28 +33,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def skip_deepspeed_shm_build() -> None:
-    """Stop `deepspeed.init_distributed` from JIT-compiling its shm op (~55 s on 2 cores; only
-    `inference_all_reduce` uses it, training collectives go through gloo). Internal API: a no-op if it moves.
-
-    `sys.modules` is needed: `import deepspeed.comm.torch as m` binds the torch library (deepspeed.comm.torch is
-    also an attribute naming torch).
-    """
-    import deepspeed.comm.torch  # noqa: F401  (registers the module)
-
-    module = sys.modules["deepspeed.comm.torch"]
-    if hasattr(module, "build_shm_op"):
-        module.build_shm_op = lambda: None
-
-
 def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60.0) -> None:
     """Initialise torch.distributed (and DeepSpeed's comm layer) on gloo for this process."""
+    from moe_lm.moe.engine import init_process_group
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    skip_deepspeed_shm_build()
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=timeout_s))
+    init_process_group("gloo", timeout_s)
 
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:

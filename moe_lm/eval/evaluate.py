@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe_lm.checkpoint import load_model, run_dir_of
 from moe_lm.data import PackedDataset, load_tokenizer, make_batch, open_split
-from moe_lm.export import config_from_dict, consolidated_state_dict
 from moe_lm.metrics import RoutingTracker
 from moe_lm.model.transformer import MoETransformer
 
@@ -54,25 +54,6 @@ def text_windows(path: str | Path, tokenizer_dir: str | Path, seq_len: int) -> T
     tokenizer = load_tokenizer(tokenizer_dir)
     ids = tokenizer(Path(path).read_text(encoding="utf-8"), add_special_tokens=False).input_ids
     return TokenWindows(np.asarray(ids + [tokenizer.eos_token_id], dtype=np.int64), seq_len)
-
-
-def run_dir_of(checkpoint: str | Path) -> Path:
-    """The run folder of a run, checkpoints or `step_N` folder (where `moe-lm eval` writes by default)."""
-    path = Path(checkpoint)
-    if path.parent.name == "checkpoints":  # RUN_DIR/checkpoints/step_N
-        return path.parent.parent
-    if path.name == "checkpoints":
-        return path.parent
-    return path
-
-
-def load_model(checkpoint: str | Path) -> tuple[MoETransformer, object]:
-    """(model in eval mode with every expert local, its config) from a checkpoint, run or checkpoints directory."""
-    state, manifest = consolidated_state_dict(checkpoint)
-    cfg = config_from_dict(manifest["config"])
-    model = MoETransformer(cfg.model, seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
 
 
 def make_dropless(model: MoETransformer) -> MoETransformer:

@@ -31,8 +31,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_lm.eval.evaluate import (evaluate_setting, load_model, make_dropless, make_training_capacity, run_dir_of,
-                                  validation_data)
+from moe_lm.checkpoint import load_model, run_dir_of
+from moe_lm.eval.evaluate import evaluate_setting, make_dropless, make_training_capacity, validation_data
 from moe_lm.model.transformer import MoETransformer
 from moe_lm.routers import REGISTRY
 from moe_lm.routers.base import PostHocSparsity

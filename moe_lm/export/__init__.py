@@ -1,6 +1,2 @@
-"""Export: a checkpoint's weights as one consolidated safetensors file (`consolidated.py`; `moe-lm export`)."""
-
-from moe_lm.export.consolidated import (build_model, config_from_dict, consolidated_state_dict, export_checkpoint,
-                                        load_exported)
-
-__all__ = ["build_model", "config_from_dict", "consolidated_state_dict", "export_checkpoint", "load_exported"]
+"""Export: a checkpoint as a folder that transformers loads (`hf.py`, `moe-lm export --hf`), with the modeling code
+shipped beside its weights (`hf_modeling.py`). One safetensors file (`--out`) is `moe_lm.checkpoint`'s."""

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from moe_lm.checkpoint import config_from_dict, consolidated_state_dict
 from moe_lm.config import Config
 from moe_lm.export import hf_modeling
-from moe_lm.export.consolidated import config_from_dict, consolidated_state_dict
 
 LAYOUTS = ("auto", "mixtral", "moe_lm")
 MODELING_FILE = "modeling_moe_lm.py"

@@ -1,4 +1,5 @@
-"""MoE layers. DeepSpeed-MoE stays behind one adapter (`deepspeed_moe.py`); `dispatch.py` is plain torch."""
+"""MoE layers, and the only code that imports DeepSpeed: the MoE layer (`deepspeed_moe.py`), the training engine
+(`engine.py`) and the checkpoint files (`deepspeed_checkpoint.py`); `dispatch.py` is plain torch."""
 
 from moe_lm.moe.deepspeed_moe import MoEFeedForward, RouterGate, expert_capacity, routing_records_paused
 from moe_lm.moe.dispatch import capacity_slots, grouped_swiglu, sort_by_expert

@@ -1,7 +1,7 @@
 """DeepSpeed's checkpoint files: read without running code, recorded (size, sha256) by the rank that wrote them,
 and, for a ZeRO-0 fp32 run, its optimizer state mapped to parameter names so that it can follow a run to another
-world size or ep_size. `moe_lm/train/checkpoint.py` owns the policy (what is allowed, what is checked); this file
-holds what depends on DeepSpeed 0.19.8's internals.
+world size or ep_size. `moe_lm/checkpoint/` owns the policy (what is allowed, what is checked) and asks this file
+for everything that depends on DeepSpeed 0.19.8's file names and internals.
 
 What DeepSpeed pickles (real checkpoints saved at ZeRO 0/1/2, fp32 and bf16, 1 and 2 processes, every file listed
 with `torch.serialization.get_unsafe_globals_in_checkpoint`):
@@ -51,11 +51,29 @@ _EXPERT_NAME = re.compile(r"(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d
 
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+"""The non-expert weights, the LR scheduler and moe-lm's client state (written by rank 0)."""
+
+
+def expert_file(moe_layer: int, expert: int) -> str:
+    """DeepSpeed's shard of one expert: `moe_layer` counts MoE layers only, `expert` is the GLOBAL expert id."""
+    return f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
 def optimizer_file(ep_rank: int) -> str:
     """ZeRO-0: the whole optimizer state of expert-parallel position `ep_rank` (dense + its experts)."""
     return f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+
+
+def required_files(world_size: int, ep_size: int, zero_stage: int, num_moe_layers: int,
+                   num_experts: int) -> list[str]:
+    """fnmatch patterns of the files DeepSpeed writes for this layout (one match each)."""
+    files = [MODEL_STATES]
+    files += [expert_file(layer, expert) for layer in range(num_moe_layers) for expert in range(num_experts)]
+    if zero_stage == 0:  # the whole optimizer state, once per expert-parallel rank
+        files += [optimizer_file(r) for r in range(ep_size)]
+    else:  # ZeRO-1/2 partitions, once per data-parallel rank ("bf16_" prefix in bf16)
+        files += [f"*zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(world_size)]
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,6 +150,43 @@ def moe_lm_checkpoint_engine(engine, load_fn: Callable[..., Any] | None = None,
         finally:
             engine.checkpoint_engine = base
         written.update({path: future.result() for path, future in recording.written.items()})
+
+
+def save_engine(engine, directory: Path, client_state: dict[str, Any], sha256: bool) -> dict[str, dict[str, Any]]:
+    """Write `engine`'s weights (experts by global id), optimizer and LR scheduler state and `client_state` into
+    `directory` (no `latest` file); return {path: file_entry} of the files this rank wrote. Collective."""
+    with moe_lm_checkpoint_engine(engine, sha256=sha256) as written:
+        engine.save_checkpoint(str(directory.parent), tag=directory.name, client_state=client_state,
+                               save_latest=False)
+    return written
+
+
+def load_engine(engine, directory: Path, load_fn: Callable[..., Any], load_optimizer: bool) -> dict[str, Any] | None:
+    """Load weights (experts by global id), LR scheduler and, if asked, optimizer state saved by `save_engine` into
+    `engine`, reading every file with `load_fn`; return the client state, None if `directory` has no
+    `MODEL_STATES`. Collective."""
+    with moe_lm_checkpoint_engine(engine, load_fn=load_fn):
+        load_path, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                         load_optimizer_states=load_optimizer,
+                                                         load_lr_scheduler_states=True)
+    return client_state if load_path is not None else None
+
+
+def read_weights(directory: Path, num_moe_layers: int, num_experts: int,
+                 load_fn: Callable[[Path], Any]) -> dict[str, torch.Tensor]:
+    """The full state dict saved in `directory`, every expert keyed by its global id (the state dict of the model
+    built with ep_size=1), each file read with `load_fn`. Raises ValueError naming an expert shard that holds other
+    keys (DeepSpeed renames local ids to global ones on save: anything else is a corrupt shard)."""
+    state = dict(load_fn(directory / MODEL_STATES)["module"])
+    for layer in range(num_moe_layers):
+        for expert in range(num_experts):
+            shard_path = directory / expert_file(layer, expert)
+            shard = load_fn(shard_path)
+            wrong = [key for key in shard if not (match := _EXPERT_NAME.fullmatch(key)) or int(match[2]) != expert]
+            if wrong:
+                raise ValueError(f"{shard_path} should hold expert {expert} only, but has {wrong}")
+            state.update(shard)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,24 +5,18 @@ under `srun` without a launcher the same facts come from SLURM_PROCID / SLURM_ST
 SLURM_STEP_NODELIST (the master is the first node of the step). A plain `python`/`moe-lm` call is a world of
 one on a free local port. Initialisation has a timeout, so a rank that cannot reach the master fails with a
 message naming the address instead of hanging. The layout rules (`check_layout`) are checked before any
-collective, so every rank fails with the same message.
-
-Expert parallelism (DeepSpeed's default topology, `deepspeed/utils/groups.py`): with world W and `ep_size` P,
-the expert-parallel groups are P consecutive ranks [0..P-1], [P..2P-1], ... (the all-to-all), the
-expert-data-parallel groups are the ranks with the same position in them, {i, i+P, i+2P, ...} (the all-reduce
-of expert gradients), and dense gradients are averaged over all W ranks. Rank r holds the experts
-[(r % P)·E/P, (r % P + 1)·E/P).
+collective, so every rank fails with the same message. The process group itself is DeepSpeed's to set up
+(`moe_lm/moe/engine.py`, which also describes the expert-parallel groups); it is imported only then, so that these
+checks load without it.
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import os
 import re
 import socket
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -147,14 +141,6 @@ def check_layout(parallel: ParallelConfig, world_size: int, num_experts: int) ->
                           f"model.moe.num_experts={num_experts} is not divisible by ep_size={parallel.ep_size}")
 
 
-def _skip_cpu_shm_build() -> None:
-    """DeepSpeed JIT-compiles a shared-memory op (~1 min) on CPU at every fresh init; it only serves inference
-    all-reduce, which training never calls. Internal API, hence the guard."""
-    torch_backend = sys.modules.get("deepspeed.comm.torch")
-    if torch_backend is not None and hasattr(torch_backend, "build_shm_op"):
-        torch_backend.build_shm_op = lambda: None
-
-
 def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
     """Initialise the process group (through DeepSpeed) and return this rank's device.
 
@@ -162,8 +148,7 @@ def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
     master waiting for ranks that never come, raises `DistributedInitError` naming the address) and every later
     collective (a rank that stops taking part ends the others with a timeout error instead of a hang).
     """
-    import deepspeed
-    import deepspeed.comm.torch  # noqa: F401  (loaded so that the CPU patch below can reach it)
+    from moe_lm.moe.engine import init_process_group
 
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),
                        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port)})
@@ -171,11 +156,8 @@ def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
     backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
     if backend == "nccl" and not cuda:
         raise ConfigError("parallel.backend", "nccl needs CUDA devices; use gloo (or auto) on CPU")
-    if not cuda:
-        _skip_cpu_shm_build()
     try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=parallel.init_timeout_s))
+        init_process_group(backend, parallel.init_timeout_s)
     except Exception as exc:
         detail = " ".join(str(exc).split())[:500]
         raise DistributedInitError(
@@ -186,79 +168,3 @@ def init_distributed(parallel: ParallelConfig, env: DistEnv) -> torch.device:
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
-
-
-def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Σ ||g||² over `grads` in float64, from one fused multi-tensor norm (no per-parameter kernels)."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double().square().sum()
-
-
-def moe_grad_norm(parameters) -> torch.Tensor:
-    """L2 norm of the whole model's gradient with every expert counted once: the same number on every rank and
-    for every layout (the single-process norm of the same global batch).
-
-    Call it after DeepSpeed's gradient reduction: dense gradients are then identical on all ranks, and expert
-    gradients identical within an expert-data-parallel group, so summing the local experts' squared norms over
-    the expert-parallel group covers each expert exactly once. A collective over every expert-parallel group; a
-    device tensor, never read back here.
-    """
-    from deepspeed.moe.utils import is_moe_param
-    from deepspeed.utils import groups
-
-    parameters = list(parameters)
-    device = parameters[0].device
-    dense, experts = [], {}
-    for param in parameters:
-        if param.grad is None:
-            continue
-        if is_moe_param(param):
-            experts.setdefault(param.group_name, []).append(param.grad.detach())
-        else:
-            dense.append(param.grad.detach())
-    total = _squared_norm(dense, device)
-    for name in sorted(experts):  # the same order on every rank
-        squared = _squared_norm(experts[name], device)
-        group = groups._get_expert_parallel_group(name) if torch.distributed.is_initialized() else None
-        if group is not None and torch.distributed.get_world_size(group) > 1:
-            torch.distributed.all_reduce(squared, group=group)
-        total = total + squared
-    return total.sqrt()
-
-
-def install_moe_grad_clipping(engine) -> Callable[[], torch.Tensor] | None:
-    """Exact gradient clipping for ZeRO stage 0 in fp32 (DeepSpeed's `clip_fp32_gradients` path).
-
-    DeepSpeed's own clipping there averages each rank's local norm over the data-parallel group. Under expert
-    parallelism ranks hold different experts, so that average is not the model's gradient norm (nor the
-    1-process one, and the clipping differs with it), and the engine records no norm at all
-    (`get_global_grad_norm()` is None). This replaces it with `moe_grad_norm`, clips with the configured
-    `gradient_clipping` on the device (no host read: a non-finite norm leaves the gradients as they are, for the
-    skipped-step logic), and records the norm tensor for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over
-    the expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's
-    bf16 optimizer keeps its own clipping.
-
-    Returns `measure()`, which computes the norm of the gradients as they stand (a device tensor) for the coming
-    clip, so that a caller that needs the norm before the step (the NaN/inf check) and the clip share one pass over
-    the gradients; None where DeepSpeed clips by itself.
-    """
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return None
-    max_norm = float(engine.gradient_clipping())
-    measured: list[torch.Tensor] = []
-
-    def measure() -> torch.Tensor:
-        measured[:] = [moe_grad_norm(engine.module.parameters())]
-        return measured[0]
-
-    def clip_fp32_gradients() -> None:
-        grads = [p.grad.detach() for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
-        norm = measured.pop() if measured else moe_grad_norm(engine.module.parameters())
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        coef = torch.where(torch.isfinite(coef), coef, 1.0).to(torch.float32)
-        torch._foreach_mul_(grads, coef)
-        engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
-    return measure

@@ -272,7 +272,7 @@ def claim_run_dir(run_dir: str | Path, rank: int, heartbeat_s: float = HEARTBEAT
 
 def newest_complete_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest `step_N` of RUN_DIR/checkpoints that has its manifest (complete; files not re-hashed)."""
-    from moe_lm.train import checkpoint as ckpt
+    from moe_lm import checkpoint as ckpt
 
     complete = [p for p in ckpt.list_checkpoints(Path(run_dir) / ckpt.CHECKPOINT_DIR) if (p / ckpt.MANIFEST).is_file()]
     return complete[0] if complete else None
@@ -282,7 +282,7 @@ def check_checkpoint_source(path: str | Path) -> None:
     """For `moe-lm export` / `eval`: raise `RunDirError` naming `path` and what it lacks, unless it can hold a
     checkpoint (a `step_N` or manifest folder, a run directory with checkpoints/, or a checkpoints directory).
     Whether the checkpoint is complete is `checkpoint.find_checkpoint`'s to say."""
-    from moe_lm.train import checkpoint as ckpt
+    from moe_lm import checkpoint as ckpt
 
     path = Path(path)
     if not path.exists():

@@ -8,7 +8,7 @@ boundary. The routing records of every MoE layer go to the routing tracker, redu
 step; routers then get their once-per-step hook (`post_step`, e.g. an expert-bias update).
 
 Fault tolerance (docs/checkpoints.md): `train.resume` restores the newest complete checkpoint at start;
-checkpoints (`checkpoint.py`) are written every `train.save_interval` steps, at the end, and at the first step
+checkpoints (`moe_lm/checkpoint/`) are written every `train.save_interval` steps, at the end, and at the first step
 boundary after SIGTERM/SIGUSR1 or a first SIGINT, after which the run exits; a second SIGINT aborts at once. A
 step whose loss or gradient is NaN/inf is skipped on every rank (`faults.py`), and `train.max_bad_steps` of them
 in a row stop the run. Rank 0 holds the run directory's lock (`run_dir.py`) from the start to the end of the run.
@@ -21,22 +21,20 @@ import math
 import weakref
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from tqdm import tqdm
 
+from moe_lm import checkpoint as ckpt
 from moe_lm.config import Config, ConfigError, to_dict, to_yaml
 from moe_lm.data import make_batch, open_training_data, prepare_training_data, rank_slice
 from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops, read_wandb_id
 from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
-from moe_lm.train import checkpoint as ckpt
+from moe_lm.moe.engine import build_engine, expert_param_groups, grad_norm
 from moe_lm.train.faults import SecondInterrupt, SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
 from moe_lm.train.run_dir import claim_run_dir, newest_complete_checkpoint
-from moe_lm.train.distributed import (DistEnv, check_layout, init_distributed, install_moe_grad_clipping,
-                                      resolve_env)
+from moe_lm.train.distributed import DistEnv, check_layout, init_distributed, resolve_env
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -48,30 +46,15 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices, not norms or 1-D parameters (biases, concentrations); then DeepSpeed's MoE split, so that
-    expert parameters form their own groups (ZeRO 1/2 require it)."""
+    """Decay matrices, not norms or 1-D parameters (biases, concentrations); expert parameters in groups of their
+    own (`expert_param_groups`)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "name": "decay", "weight_decay": weight_decay},
               {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
-
-
-def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
-    t = cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.global_batch_size(world_size),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "zero_allow_untested_optimizer": True,  # the client torch AdamW: no JIT-compiled fused/CPU Adam
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
+    return expert_param_groups(groups)
 
 
 class Trainer:
@@ -114,16 +97,9 @@ class Trainer:
                                    betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world, self.bf16))
         # ZeRO-0: the exact norm over all experts, as for 1 process, measured once for the NaN check and the clip
-        self.measure_grad_norm = install_moe_grad_clipping(self.engine)
-        if self.world == 1 and not (self.engine.zero_optimization() or self.bf16):
-            # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
-            # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
-            self.engine.enable_backward_allreduce = False
-        self.client_optimizer = optimizer
+        self.engine, self.measure_grad_norm = build_engine(model, optimizer, scheduler, cfg, self.world, self.bf16)
+        self.client_optimizer, self.scheduler = optimizer, scheduler
         self.model: MoETransformer = self.engine.module
         torch.manual_seed(stable_seed(cfg.train.seed, "train", self.rank))  # router noise (jitter, sampling)
 
@@ -201,10 +177,9 @@ class Trainer:
         metrics = self.tracker.compute()
         dist.all_reduce(sums)
         loss, aux = (sums / (t.grad_accum_steps * self.world)).tolist()
-        grad_norm = self.engine.get_global_grad_norm()
         metrics.update({"train/loss": loss, "train/aux_loss": aux, "train/ppl": math.exp(min(loss, 50.0)),
                         "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                        "train/grad_norm": grad_norm(self.engine),
                         "train/skipped_steps": self.skipped_steps, "tokens": self.step * self.tokens_per_step})
         return metrics
 

@@ -10,7 +10,7 @@ import torch
 from moe_lm.eval.evaluate import evaluate, text_windows
 from moe_lm.export.hf import export_hf
 from tests.export.test_hf_export import ROUTERS, trained_runs
-from tests.train.test_checkpoint import WORDS
+from tests.checkpoint.test_checkpoint import WORDS
 
 TEXT = "".join(" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(12)) + "\n" for i in range(30))
 

@@ -12,7 +12,8 @@ import pytest
 from moe_lm.cli import main
 from moe_lm.config import load_config
 from moe_lm.data import make_batch
-from moe_lm.eval.evaluate import evaluate, load_model, validation_data
+from moe_lm.checkpoint import load_model
+from moe_lm.eval.evaluate import evaluate, validation_data
 from moe_lm.eval.sweep import SWEEP_COLUMNS, post_hoc_routers, sweep
 from moe_lm.metrics import RoutingTracker
 from moe_lm.model.transformer import MoETransformer

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from moe_lm.checkpoint import CheckpointError
 from moe_lm.export.hf import export_hf
 from moe_lm.generate import generate, is_hf_folder
-from moe_lm.train.checkpoint import CheckpointError
 from tests.export.test_hf_export import trained_runs
 
 PROMPT = "alpha beta gamma"  # words of the corpus the runs were trained on

@@ -15,14 +15,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moe_lm.checkpoint import load_model
 from moe_lm.config import load_config
 from moe_lm.config.schema import RouterConfig
 from moe_lm.export.hf import ExportError, export_hf, export_problems, export_state_dict, rotate_half_rows
 from moe_lm.model.layers import apply_rope, rope_tables
 from moe_lm.model.transformer import MoETransformer
-from moe_lm.eval.evaluate import load_model, make_dropless
+from moe_lm.eval.evaluate import make_dropless
+from tests.checkpoint.test_checkpoint import WORDS, write_corpus
 from tests.distributed_utils import run_distributed
-from tests.train.test_checkpoint import WORDS, write_corpus
 
 ROUTERS = ("softmax_topk", "mpi", "grmoe")
 ATOL = 1e-4  # the acceptance bound; fp32 on CPU lands near 1e-6 (only summation orders differ)

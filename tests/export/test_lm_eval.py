@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from moe_lm.eval.evaluate import load_model, make_dropless
+from moe_lm.checkpoint import load_model
+from moe_lm.eval.evaluate import make_dropless
 from moe_lm.export.hf import export_hf
+from tests.checkpoint.test_checkpoint import WORDS
 from tests.export.test_hf_export import trained_runs
-from tests.train.test_checkpoint import WORDS
 
 DOCS = [{"context": " ".join(WORDS[i:i + 4]), "choices": [WORDS[i + 4], "banana", f"{WORDS[i]} {WORDS[i]}"],
          "label": 0, "continuation": f" {WORDS[i + 4]}", "text": " ".join(WORDS[i:i + 8])} for i in range(5)]

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
+from moe_lm import checkpoint as ckpt
 from moe_lm import cli
-from moe_lm.train import checkpoint as ckpt
 from moe_lm.train.faults import SecondInterrupt
 from moe_lm.train.run_dir import LOCK_FILE, read_lock
 from tests.train.test_trainer import tiny_overrides

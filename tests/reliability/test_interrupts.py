@@ -11,8 +11,8 @@ import signal
 
 import pytest
 
+from moe_lm import checkpoint as ckpt
 from moe_lm.config import load_config
-from moe_lm.train import checkpoint as ckpt
 from moe_lm.train.run_dir import LOCK_FILE
 from tests.distributed_utils import run_distributed
 from tests.train.test_trainer import tiny_overrides

@@ -6,10 +6,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from moe_lm.checkpoint import FORMAT_VERSION, CheckpointError, Layout, check_compatible
 from moe_lm.config import load_config, to_dict
 from moe_lm.routers.functional import switch_load_balancing_loss, topk_routing, z_loss
 from moe_lm.routers.softmax_topk import SoftmaxTopKConfig, SoftmaxTopKRouter
-from moe_lm.train.checkpoint import FORMAT_VERSION, CheckpointError, Layout, check_compatible
 
 E, T = 4, 64
 

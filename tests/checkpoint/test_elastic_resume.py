@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lm.moe import deepspeed_checkpoint as dsckpt
-from moe_lm.train import checkpoint as ckpt
+import moe_lm.moe.deepspeed_checkpoint as dsckpt
+from moe_lm import checkpoint as ckpt
+from tests.checkpoint.test_checkpoint import losses, overrides, trainer_for
 from tests.distributed_utils import run_distributed
-from tests.train.test_checkpoint import losses, overrides, trainer_for
 
 MAX_STEPS = 6
 SAVE_AT = 3
@@ -161,7 +161,7 @@ def test_a_resharded_resume_at_the_same_global_batch_is_not_reported_as_a_change
 def downgrade_to_format_1(path):
     """Rewrite a format-2 checkpoint as the first release wrote it: numpy's RNG state as numpy's own tuple (an
     ndarray inside), format 1 in the client state and the manifest, no `verify` / `optimizer_params`."""
-    model_states = path / ckpt.MODEL_STATES
+    model_states = path / dsckpt.MODEL_STATES
     state = torch.load(model_states, weights_only=False)
     for rng in state[ckpt.RNG_STATES]:
         n = rng["numpy"]
@@ -172,7 +172,7 @@ def downgrade_to_format_1(path):
     manifest = ckpt.read_manifest(path)
     manifest["format"] = 1
     del manifest["verify"], manifest["optimizer_params"]
-    manifest["files"][ckpt.MODEL_STATES] = dsckpt.file_entry(model_states, sha256=True)
+    manifest["files"][dsckpt.MODEL_STATES] = dsckpt.file_entry(model_states, sha256=True)
     (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -185,7 +185,7 @@ def test_a_format_1_checkpoint_resumes_exactly_on_its_layout_and_is_refused_for_
     old = tmp_path / "checkpoints" / ckpt.tag_name(SAVE_AT)
     shutil.copytree(checkpoint_of(runs, 1), old)
     downgrade_to_format_1(old)
-    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(old / ckpt.MODEL_STATES)
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(old / dsckpt.MODEL_STATES)
 
     run_distributed(_format1_worker, 1, tmp_path, old, timeout_s=300)
     full, resumed = losses(runs / "full1"), losses(tmp_path / "from_format1")

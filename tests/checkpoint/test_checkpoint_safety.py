@@ -15,13 +15,11 @@ import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+import moe_lm.moe.deepspeed_checkpoint as dsckpt
+from moe_lm import checkpoint as ckpt
 from moe_lm.cli import main
-from moe_lm.export import consolidated_state_dict
-from moe_lm.moe import deepspeed_checkpoint as dsckpt
-from moe_lm.train import checkpoint as ckpt
-from moe_lm.eval.evaluate import load_model
+from tests.checkpoint.test_checkpoint import losses, overrides, trainer_for
 from tests.distributed_utils import run_distributed
-from tests.train.test_checkpoint import losses, overrides, trainer_for
 
 OPTIMIZER_FILE = dsckpt.optimizer_file(0)
 
@@ -97,9 +95,9 @@ def _planted_resume_worker(rank, world, root, planted, trusted, out):
 
 
 def test_resume_refuses_a_planted_model_expert_or_optimizer_file_and_runs_none_of_it(source, tmp_path):
-    names = [ckpt.MODEL_STATES, ckpt.expert_file(1, 2), OPTIMIZER_FILE]
+    names = [dsckpt.MODEL_STATES, dsckpt.expert_file(1, 2), OPTIMIZER_FILE]
     planted = {name: planted_copy(source, tmp_path, name) for name in names}
-    trusted, trusted_marker = planted_copy(source, tmp_path / "trusted", ckpt.MODEL_STATES)
+    trusted, trusted_marker = planted_copy(source, tmp_path / "trusted", dsckpt.MODEL_STATES)
     run_distributed(_planted_resume_worker, 1, tmp_path, {name: path for name, (path, _) in planted.items()},
                     trusted, tmp_path / "out.pt", timeout_s=300)
     result = torch.load(tmp_path / "out.pt", weights_only=False)
@@ -112,28 +110,28 @@ def test_resume_refuses_a_planted_model_expert_or_optimizer_file_and_runs_none_o
 
 
 def test_export_and_eval_refuse_a_planted_checkpoint(source, tmp_path):
-    planted, marker = planted_copy(source, tmp_path, ckpt.MODEL_STATES)
+    planted, marker = planted_copy(source, tmp_path, dsckpt.MODEL_STATES)
     out = tmp_path / "x.safetensors"
-    with pytest.raises(SystemExit, match=f"{planted / ckpt.MODEL_STATES} holds more than tensors"):
+    with pytest.raises(SystemExit, match=f"{planted / dsckpt.MODEL_STATES} holds more than tensors"):
         main(["export", str(planted), "--out", str(out)])
     with pytest.raises(ckpt.CheckpointError, match="unpickling runs whatever code"):
-        load_model(planted)  # moe-lm eval
+        ckpt.load_model(planted)  # moe-lm eval
     assert not marker.exists() and not out.exists()
-    state, _ = consolidated_state_dict(source)  # the real checkpoint exports
+    state, _ = ckpt.consolidated_state_dict(source)  # the real checkpoint exports
     assert len(state) > 0
 
 
 def test_zero_0_model_states_leave_out_deepspeeds_unread_copy_of_the_optimizer_state(source):
-    model_states = ckpt.load_file(source / ckpt.MODEL_STATES)
+    model_states = ckpt.load_file(source / dsckpt.MODEL_STATES)
     assert "optimizer" in model_states and model_states["optimizer"] is None  # DeepSpeed would write it here too
     assert len(ckpt.load_file(source / OPTIMIZER_FILE)["optimizer"]["state"]) > 0  # the one it loads
 
 
 def test_a_manifest_that_vouches_for_a_planted_file_does_not_make_it_loadable(source, tmp_path):
-    planted, marker = planted_copy(source, tmp_path, ckpt.expert_file(0, 0))
+    planted, marker = planted_copy(source, tmp_path, dsckpt.expert_file(0, 0))
     assert ckpt.validate_checkpoint(planted) == []  # sizes and hashes match: the manifest is no defence
     with pytest.raises(ckpt.CheckpointError, match="layer_0_expert_0"):
-        consolidated_state_dict(planted)
+        ckpt.consolidated_state_dict(planted)
     assert not marker.exists()
 
 
@@ -168,11 +166,11 @@ def test_a_zero_2_checkpoint_loads_weights_only_resumes_exactly_and_every_rank_r
     assert losses(tmp_path / "z2_resumed") == {3: losses(tmp_path / "z2")[3]}
 
     # expert 3 lives on rank 1 only: rank 0 must not go on into DeepSpeed's load (and its collectives) alone
-    planted, marker = planted_copy(step2, tmp_path / "planted", ckpt.expert_file(1, 3))
+    planted, marker = planted_copy(step2, tmp_path / "planted", dsckpt.expert_file(1, 3))
     run_distributed(_planted_zero2_worker, 2, tmp_path, planted, timeout_s=300)
     refusals = [torch.load(tmp_path / f"refusal{rank}.pt") for rank in range(2)]
     assert refusals[0] == refusals[1] and refusals[0].startswith(
-        f"{planted / ckpt.expert_file(1, 3)} holds more than tensors and plain data (needs io.open)")
+        f"{planted / dsckpt.expert_file(1, 3)} holds more than tensors and plain data (needs io.open)")
     assert not marker.exists()
 
 
@@ -230,7 +228,7 @@ def test_checkpoint_verify_size_records_and_checks_sizes_only(tmp_path):
     path = save(tmp_path, "size")
     manifest = ckpt.read_manifest(path)
     assert manifest["verify"] == "size" and all(set(e) == {"bytes"} for e in manifest["files"].values())
-    shard = path / ckpt.expert_file(0, 1)
+    shard = path / dsckpt.expert_file(0, 1)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -242,7 +240,7 @@ def test_checkpoint_verify_size_records_and_checks_sizes_only(tmp_path):
 
 def test_a_sha256_manifest_checked_with_size_skips_the_hashes(tmp_path):
     path = save(tmp_path, "sha256")
-    shard = path / ckpt.expert_file(0, 0)
+    shard = path / dsckpt.expert_file(0, 0)
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))

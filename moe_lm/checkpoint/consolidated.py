@@ -1,17 +1,18 @@
-"""One safetensors file with every weight of a checkpoint, for evaluation and sharing.
+"""A checkpoint's weights as one state dict, one safetensors file (`moe-lm export --out`), or a model.
 
-The tensors are the state dict of the model built with ep_size=1, so every expert is keyed by its global id
+The state dict is that of the model built with ep_size=1, so every expert is keyed by its global id
 (`blocks.{i}.ffn.deepspeed_moe.experts.deepspeed_experts.{E}.w1.weight`) whatever the ep_size of the run;
-router parameters and persistent buffers (e.g. `balance_bias_E`) are included. The header metadata holds the
-resolved config (`moe_lm_config`, JSON) and the step, so the file alone rebuilds the model:
+router parameters and persistent buffers (e.g. `balance_bias_E`) are included. An exported file's header metadata
+holds the resolved config (`moe_lm_config`, JSON) and the step, so the file alone rebuilds the model:
 
     moe-lm export runs/x/checkpoints/step_00000200 --out x.safetensors
-    model = build_model("x.safetensors")           # MoETransformer(ep_size=1), weights loaded strictly
+    model, cfg = load_model("x.safetensors")       # MoETransformer(ep_size=1), weights loaded strictly
+    model, cfg = load_model("runs/x")              # the same from the run's newest complete checkpoint
 
 Weights are exported as stored: the module weights DeepSpeed saved (bf16 for a bf16 run, whose fp32 master copy
 lives in the optimizer state and is not exported). The optimizer state is not exported.
 
-Every checkpoint file is read with `torch.load(weights_only=True)` (`checkpoint.load_file`), so exporting or
+Every checkpoint file is read with `torch.load(weights_only=True)` (`store.load_file`), so exporting or
 evaluating a checkpoint from someone else runs none of its code; a file that needs more is refused, naming it.
 """
 
@@ -27,12 +28,13 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import moe_lm.moe.deepspeed_checkpoint as dsckpt
+from moe_lm.checkpoint import store
 from moe_lm.config import Config, load_config
-from moe_lm.train import checkpoint as ckpt
+from moe_lm.model.transformer import MoETransformer
 
 CONFIG_KEY = "moe_lm_config"
 STEP_KEY = "moe_lm_step"
-EXPERT_PREFIX = ".deepspeed_moe.experts.deepspeed_experts."
 TRUST_HINT = ("moe-lm's own checkpoint files hold tensors and plain data only, so this one was written by something "
               "else or changed since; load it with consolidated_state_dict(..., trust=True) only if you trust "
               "whoever could have written it")
@@ -42,22 +44,17 @@ def consolidated_state_dict(checkpoint: str | Path, trust: bool = False) -> tupl
     """(full state dict with experts by global id, manifest) of a checkpoint directory, or of the newest complete
     checkpoint in a run or checkpoints directory. The checkpoint is validated first (sizes and hashes), and its
     files are read weights-only (`trust`: unpickle a file that needs more, running its code)."""
-    path = ckpt.find_checkpoint(str(checkpoint), checkpoint, source="checkpoint")
-    manifest = ckpt.read_manifest(path)
-    version = ckpt.checkpoint_format(path, manifest)
-    layout = ckpt.Layout(**manifest["layout"])
+    path = store.find_checkpoint(str(checkpoint), checkpoint, source="checkpoint")
+    manifest = store.read_manifest(path)
+    version = store.checkpoint_format(path, manifest)
+    layout = store.Layout(**manifest["layout"])
 
     def load(file: Path):
-        return ckpt.load_file(file, trust=trust, format_version=version, hint=TRUST_HINT)
-    state = dict(load(path / ckpt.MODEL_STATES)["module"])
-    for layer in range(layout.num_moe_layers):
-        for expert in range(layout.num_experts):
-            shard_path = path / ckpt.expert_file(layer, expert)
-            shard = load(shard_path)
-            wrong = [key for key in shard if f"{EXPERT_PREFIX}{expert}." not in key]
-            if wrong:  # DeepSpeed renames local ids to global ones on save: anything else is a corrupt shard
-                raise ckpt.CheckpointError(f"{shard_path} should hold expert {expert} only, but has {wrong}")
-            state.update(shard)
+        return store.load_file(file, trust=trust, format_version=version, hint=TRUST_HINT)
+    try:
+        state = dsckpt.read_weights(path, layout.num_moe_layers, layout.num_experts, load)
+    except ValueError as exc:
+        raise store.CheckpointError(str(exc)) from exc
     return state, manifest
 
 
@@ -98,11 +95,15 @@ def load_exported(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     return load_file(str(path)), config_from_dict(json.loads(metadata[CONFIG_KEY]))
 
 
-def build_model(path: str | Path):
-    """The exported model as an ep_size=1 `MoETransformer` (every expert local), weights loaded strictly."""
-    from moe_lm.model.transformer import MoETransformer
-
-    state, cfg = load_exported(path)
+def load_model(path: str | Path) -> tuple[MoETransformer, Config]:
+    """(model in eval mode, its config) from an exported file, a checkpoint directory, or a run or checkpoints
+    directory (its newest complete checkpoint): an ep_size=1 `MoETransformer` (every expert local), whatever the
+    layout that trained it, with the weights loaded strictly."""
+    if Path(path).is_file():
+        state, cfg = load_exported(path)
+    else:
+        state, manifest = consolidated_state_dict(path)
+        cfg = config_from_dict(manifest["config"])
     model = MoETransformer(cfg.model, seed=cfg.train.seed)
     model.load_state_dict(state, strict=True)
-    return model
+    return model.eval(), cfg

@@ -47,14 +47,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_lm.moe import deepspeed_checkpoint as dsckpt
+import moe_lm.moe.deepspeed_checkpoint as dsckpt
 
 CHECKPOINT_DIR = "checkpoints"
 """Sub-directory of run.dir that holds the checkpoints of a run."""
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-MODEL_STATES = dsckpt.MODEL_STATES
 FORMAT_VERSION = 2
 """1: the first release. 2: RNG states without numpy objects (so weights_only needs no numpy globals), the
 manifest's `verify` mode (entries may hold sizes only) and `optimizer_params`, the index that lets a ZeRO-0
@@ -62,7 +61,7 @@ optimizer state be resharded by parameter name."""
 READABLE_FORMATS = (1, 2)
 _TAG = re.compile(r"step_(\d+)")
 
-# Client-state keys, stored by DeepSpeed in mp_rank_00_model_states.pt next to its own keys.
+# Client-state keys, stored by DeepSpeed in `dsckpt.MODEL_STATES` next to its own keys.
 STEP = "moe_lm/step"
 """Optimizer steps taken (skipped non-finite steps included)."""
 CONSUMED_SAMPLES = "moe_lm/consumed_samples"
@@ -104,11 +103,6 @@ _RUN_CONTROL_PREFIXES = ("run.", "wandb.", "metrics.", "train.resume", "train.sa
 _BATCH_SPLIT_KEYS = ("train.micro_batch_size", "train.grad_accum_steps")
 
 
-def expert_file(moe_layer: int, expert: int) -> str:
-    """DeepSpeed's shard of one expert: `moe_layer` counts MoE layers only, `expert` is the GLOBAL expert id."""
-    return f"layer_{moe_layer}_expert_{expert}_mp_rank_00_model_states.pt"
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: incomplete, corrupt, or saved by an incompatible run. The message says why."""
 
@@ -125,15 +119,9 @@ class Layout:
     num_moe_layers: int
 
     def required_files(self) -> list[str]:
-        """fnmatch patterns of the files DeepSpeed writes for this layout (one match each)."""
-        files = [MODEL_STATES]
-        files += [expert_file(layer, expert)
-                  for layer in range(self.num_moe_layers) for expert in range(self.num_experts)]
-        if self.zero_stage == 0:  # the whole optimizer state, once per expert-parallel rank
-            files += [f"expp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(self.ep_size)]
-        else:  # ZeRO-1/2 partitions, once per data-parallel rank ("bf16_" prefix in bf16)
-            files += [f"*zero_pp_rank_{d}_mp_rank_00_optim_states.pt" for d in range(self.world_size)]
-        return files
+        """fnmatch patterns of the files a complete checkpoint of this layout holds (one match each)."""
+        return dsckpt.required_files(self.world_size, self.ep_size, self.zero_stage, self.num_moe_layers,
+                                     self.num_experts)
 
     def optimizer_changes(self, now: Layout) -> list[str]:
         """'key: saved -> now' for each difference in what the optimizer shards depend on (`check_compatible` decides
@@ -165,8 +153,8 @@ class TrainingState:
     def from_client_state(cls, state: dict[str, Any], path: Path) -> TrainingState:
         missing = [key for key in CLIENT_STATE_KEYS if key not in state]
         if missing:
-            raise CheckpointError(f"{path / MODEL_STATES} lacks the moe-lm client state {missing}: not a moe-lm "
-                                  f"checkpoint, or one of another format")
+            raise CheckpointError(f"{path / dsckpt.MODEL_STATES} lacks the moe-lm client state {missing}: not a "
+                                  f"moe-lm checkpoint, or one of another format")
         return cls(state[STEP], state[CONSUMED_SAMPLES], state[SKIPPED_STEPS], state[SAMPLER], state[CONFIG],
                    Layout(**state[LAYOUT]), state[RNG_STATES])
 
@@ -322,6 +310,16 @@ def list_checkpoints(save_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in save_dir.iterdir() if p.is_dir() and step_of(p) is not None]
     return sorted(found, key=lambda p: step_of(p), reverse=True)
+
+
+def run_dir_of(path: str | Path) -> Path:
+    """The run folder of a run, checkpoints or `step_N` folder."""
+    path = Path(path)
+    if path.parent.name == CHECKPOINT_DIR:  # RUN_DIR/checkpoints/step_N
+        return path.parent.parent
+    if path.name == CHECKPOINT_DIR:
+        return path.parent
+    return path
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -504,7 +502,7 @@ def save_checkpoint(engine, save_dir: str | Path, state: TrainingState, keep_las
     """Write a complete checkpoint of `state.step` and return its directory. Collective: every rank calls it.
 
     What the manifest records for each file follows the saved config's `train.checkpoint_verify` (sha256: size
-    and hash; size: size only); each rank records the files it wrote (`dsckpt.moe_lm_checkpoint_engine`).
+    and hash; size: size only); each rank records the files it wrote (`dsckpt.save_engine`).
     """
     rank, world = _rank_world()
     save_dir = Path(save_dir)
@@ -517,8 +515,7 @@ def save_checkpoint(engine, save_dir: str | Path, state: TrainingState, keep_las
             shutil.rmtree(stale, ignore_errors=True)
     state.rng_states = _all_gather(rng_state())
     _barrier()
-    with dsckpt.moe_lm_checkpoint_engine(engine, sha256=verify == "sha256") as written:
-        engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state.client_state(), save_latest=False)
+    written = dsckpt.save_engine(engine, tmp, state.client_state(), sha256=verify == "sha256")
     _barrier()
     files = _gather_file_entries(tmp, written, verify == "sha256")
     missing = [p for p in state.layout.required_files() if not any(fnmatch(name, p) for name in files)]
@@ -656,17 +653,14 @@ def load_checkpoint(engine, path: str | Path, load_optimizer: bool, trust: bool 
     def load(file, map_location=None):
         return load_file(file, trust=trust, format_version=version, map_location=map_location)
     try:
-        with dsckpt.moe_lm_checkpoint_engine(engine, load_fn=load):
-            load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                             load_optimizer_states=load_optimizer and not by_name,
-                                                             load_lr_scheduler_states=True)
-            if load_path is not None and by_name:
-                dsckpt.load_optimizer_by_name(engine, path, saved.ep_size, saved.num_experts,
-                                              manifest["optimizer_params"], load)
+        client_state = dsckpt.load_engine(engine, path, load, load_optimizer=load_optimizer and not by_name)
+        if client_state is not None and by_name:
+            dsckpt.load_optimizer_by_name(engine, path, saved.ep_size, saved.num_experts,
+                                          manifest["optimizer_params"], load)
     except CheckpointError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if load_path is None:
-        raise CheckpointError(f"could not load checkpoint {path}: DeepSpeed found no {MODEL_STATES}")
+    if client_state is None:
+        raise CheckpointError(f"could not load checkpoint {path}: DeepSpeed found no {dsckpt.MODEL_STATES}")
     return TrainingState.from_client_state(client_state, path)

@@ -1,4 +1,5 @@
-"""Checkpoints, exact resume and fault tolerance: moe_lm/train/checkpoint.py, faults.py and the trainer's use of them.
+"""Checkpoints, exact resume and fault tolerance: moe_lm/checkpoint/store.py, train/faults.py and the trainer's use of
+them.
 
 Training runs in spawned processes (`run_distributed`), never in the pytest process, because the trainer
 initialises torch.distributed. A worker can run several trainers one after another in its process group; workers
@@ -14,8 +15,9 @@ import signal
 import pytest
 import torch
 
+import moe_lm.moe.deepspeed_checkpoint as dsckpt
+from moe_lm import checkpoint as ckpt
 from moe_lm.config import load_config
-from moe_lm.train import checkpoint as ckpt
 from tests.distributed_utils import run_distributed
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -142,7 +144,7 @@ def assert_exact_resume(root, world):
     # the final weights, experts and router buffers included, are the same tensors
     final_full = ckpt.find_checkpoint(str(root / "full"), root / "full")
     final_resumed = ckpt.find_checkpoint(str(root / "resumed"), root / "resumed")
-    for name in [ckpt.MODEL_STATES, ckpt.expert_file(1, 3)]:
+    for name in [dsckpt.MODEL_STATES, dsckpt.expert_file(1, 3)]:
         a = torch.load(final_full / name, weights_only=False)
         b = torch.load(final_resumed / name, weights_only=False)
         a, b = a.get("module", a), b.get("module", b)
@@ -158,7 +160,7 @@ def test_sigterm_mid_run_then_resume_reproduces_the_uninterrupted_losses_exactly
         ["step_00000006", "step_00000004", "step_00000003"]
     manifest = ckpt.read_manifest(run / "checkpoints" / "step_00000006")
     assert manifest["step"] == 6 and manifest["layout"]["ep_size"] == 1
-    assert ckpt.expert_file(0, 3) in manifest["files"] and len(manifest["files"][ckpt.MODEL_STATES]["sha256"]) == 64
+    assert dsckpt.expert_file(0, 3) in manifest["files"] and len(manifest["files"][dsckpt.MODEL_STATES]["sha256"]) == 64
 
 
 def test_exact_resume_with_two_processes_and_ep_size_2(ep2_runs):
@@ -174,14 +176,14 @@ def test_each_rank_loads_the_experts_saved_for_its_global_ids_with_ep_size_2(ep2
         loaded = result["loaded_experts"]
         assert sorted(loaded) == [(layer, 2 * rank + i) for layer in range(2) for i in range(2)]
         for (layer, global_id), params in loaded.items():
-            shard = torch.load(step3 / ckpt.expert_file(layer, global_id), weights_only=True)
+            shard = torch.load(step3 / dsckpt.expert_file(layer, global_id), weights_only=True)
             prefix = f"blocks.{layer}.ffn.deepspeed_moe.experts.deepspeed_experts.{global_id}."
             assert sorted(shard) == sorted(prefix + name for name in params)
             for name, tensor in params.items():
                 assert torch.equal(tensor, shard[prefix + name])
             seen[(layer, global_id)] = params["w1.weight"]
         # the router's expert bias (a buffer, in the non-expert file) came back too
-        module = torch.load(step3 / ckpt.MODEL_STATES, weights_only=False)["module"]
+        module = torch.load(step3 / dsckpt.MODEL_STATES, weights_only=False)["module"]
         for layer, bias in enumerate(result["loaded_bias"]):
             saved = module[f"blocks.{layer}.ffn.deepspeed_moe.gate.router.balance_bias_E"]
             assert torch.equal(bias, saved) and bias.abs().sum() > 0
@@ -201,7 +203,7 @@ def _layout_change_worker(rank, world, root, source, out):
 
 def test_layout_change_reshards_the_optimizer_state_or_drops_it_with_weights_only(ep2_runs, tmp_path):
     """An ep_size=2 / world-2 checkpoint resumed by one process with ep_size=1 (ZeRO-0, fp32): the optimizer state
-    follows by parameter name (tests/train/test_elastic_resume.py checks the values), or, with
+    follows by parameter name (tests/checkpoint/test_elastic_resume.py checks the values), or, with
     train.resume_weights_only, starts fresh."""
     source = ep2_runs / "resumed" / "checkpoints" / "step_00000003"
     run_distributed(_layout_change_worker, 1, ep2_runs, source, tmp_path / "out.pt", timeout_s=180)
@@ -211,7 +213,7 @@ def test_layout_change_reshards_the_optimizer_state_or_drops_it_with_weights_onl
     assert result["optimizer_state"] == 0  # a fresh optimizer
     assert sorted(result["experts"]) == [(layer, e) for layer in range(2) for e in range(4)]
     for (layer, global_id), params in result["experts"].items():
-        shard = torch.load(source / ckpt.expert_file(layer, global_id), weights_only=True)
+        shard = torch.load(source / dsckpt.expert_file(layer, global_id), weights_only=True)
         prefix = f"blocks.{layer}.ffn.deepspeed_moe.experts.deepspeed_experts.{global_id}."
         assert all(torch.equal(t, shard[prefix + name]) for name, t in params.items())
 
@@ -246,7 +248,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_previous_complete
     assert (checkpoints / "latest").read_text() == "step_00000002"
     assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step_00000002"]
     partial = checkpoints / ".tmp-step_00000004"
-    assert (partial / ckpt.expert_file(0, 0)).is_file() and not (partial / ckpt.MANIFEST).exists()
+    assert (partial / dsckpt.expert_file(0, 0)).is_file() and not (partial / ckpt.MANIFEST).exists()
 
     run_distributed(_resume_worker, 1, tmp_path, tmp_path / "out.pt", timeout_s=180)
     result = torch.load(tmp_path / "out.pt", weights_only=False)
@@ -264,7 +266,7 @@ def copy_run(source, tmp_path):
 def test_a_truncated_expert_shard_is_named_and_resume_falls_back(ep1_runs, tmp_path, capsys):
     checkpoints = copy_run(ep1_runs / "resumed", tmp_path)
     newest = checkpoints / "step_00000006"
-    shard = newest / ckpt.expert_file(1, 2)
+    shard = newest / dsckpt.expert_file(1, 2)
     shard.write_bytes(shard.read_bytes()[:1000])
     problems = ckpt.validate_checkpoint(newest)
     size = ckpt.read_manifest(newest)["files"][shard.name]["bytes"]
@@ -286,20 +288,20 @@ def test_a_truncated_expert_shard_is_named_and_resume_falls_back(ep1_runs, tmp_p
 def test_missing_or_corrupt_files_are_named_and_no_complete_checkpoint_stops_the_run(ep1_runs, tmp_path):
     checkpoints = copy_run(ep1_runs / "resumed", tmp_path)
     step6, step4, step3 = (checkpoints / f"step_0000000{s}" for s in (6, 4, 3))
-    (step6 / ckpt.expert_file(0, 1)).unlink()
+    (step6 / dsckpt.expert_file(0, 1)).unlink()
     optim = step4 / "expp_rank_0_mp_rank_00_optim_states.pt"
     data = bytearray(optim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the hash sees it
     optim.write_bytes(bytes(data))
     (step3 / ckpt.MANIFEST).unlink()
 
-    assert ckpt.validate_checkpoint(step6) == [f"{step6 / ckpt.expert_file(0, 1)} is missing"]
+    assert ckpt.validate_checkpoint(step6) == [f"{step6 / dsckpt.expert_file(0, 1)} is missing"]
     assert ckpt.validate_checkpoint(step4) == [f"{optim} does not match its sha256 in the manifest (corrupt)"]
     with pytest.raises(ckpt.CheckpointError) as error:
         ckpt.find_checkpoint("auto", tmp_path / "run")
     message = str(error.value)
     assert "no complete checkpoint" in message and "Not starting from scratch" in message
-    for name in (ckpt.expert_file(0, 1), optim.name, ckpt.MANIFEST):
+    for name in (dsckpt.expert_file(0, 1), optim.name, ckpt.MANIFEST):
         assert name in message
 
 
@@ -350,12 +352,12 @@ def test_saves_rotate_and_a_rollback_sets_the_abandoned_branch_aside(tmp_path, c
     aside = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("abandoned-"))
     assert len(aside) == 1 and aside[0].startswith("abandoned-step_00000004-")
     assert "it is ahead of this run" in capsys.readouterr().err
-    assert torch.load(tmp_path / "step_00000003" / ckpt.MODEL_STATES)["step"] == 3
+    assert torch.load(tmp_path / "step_00000003" / dsckpt.MODEL_STATES)["step"] == 3
 
 
 def test_a_save_missing_a_shard_after_every_rank_wrote_is_an_error_and_changes_nothing(tmp_path):
     layout = save_steps(tmp_path, [1], keep_last=3)
-    broken = FileWritingEngine(layout, skip={ckpt.expert_file(0, 1)})
+    broken = FileWritingEngine(layout, skip={dsckpt.expert_file(0, 1)})
     with pytest.raises(ckpt.CheckpointError, match="layer_0_expert_1"):
         save_steps(tmp_path, [2], keep_last=3, engine=broken)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001"]

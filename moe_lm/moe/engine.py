@@ -1,0 +1,162 @@
+"""The DeepSpeed training engine, in moe-lm's terms: the process group, the engine around the model and its
+optimizer, and the gradient norm over all experts.
+
+With `deepspeed_moe.py` (the MoE layer) and `deepspeed_checkpoint.py` (the checkpoint files) this is the only code
+that imports DeepSpeed (tests/test_boundaries.py checks it). The trainer drives the engine it returns as a module:
+`engine(inputs, targets)`, `engine.backward(loss)`, `engine.step()`, `engine.module`.
+
+Expert parallelism (DeepSpeed's default topology, `deepspeed/utils/groups.py`): with world W and `ep_size` P,
+the expert-parallel groups are P consecutive ranks [0..P-1], [P..2P-1], ... (the all-to-all), the
+expert-data-parallel groups are the ranks with the same position in them, {i, i+P, i+2P, ...} (the all-reduce
+of expert gradients), and dense gradients are averaged over all W ranks. Rank r holds the experts
+[(r % P)·E/P, (r % P + 1)·E/P).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Callable
+
+import deepspeed
+import deepspeed.comm.torch  # noqa: F401  (loaded so that `_skip_shm_build` can reach it)
+import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+
+from moe_lm.config import Config
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory op (~1 min) on CPU at every fresh init; it only serves inference
+    all-reduce, which training never calls. Internal API, hence the guard; `sys.modules`, since the attribute
+    `deepspeed.comm.torch` names the torch library."""
+    torch_backend = sys.modules.get("deepspeed.comm.torch")
+    if torch_backend is not None and hasattr(torch_backend, "build_shm_op"):
+        torch_backend.build_shm_op = lambda: None
+
+
+def init_process_group(backend: str, timeout_s: float) -> None:
+    """torch.distributed from the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment, through DeepSpeed, so
+    that its communication layer (the engine's reductions, the MoE all-to-all) is set up over the same group.
+    `timeout_s` bounds the rendezvous and every later collective."""
+    _skip_shm_build()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def expert_param_groups(param_groups: list[dict]) -> list[dict]:
+    """`param_groups` with the expert parameters moved into groups of their own, one per expert-parallel group
+    (named after it: the engine reduces their gradients over that group's expert-data-parallel ranks, and ZeRO 1/2
+    require the split)."""
+    return split_params_into_different_moe_groups_for_optimizer(param_groups)
+
+
+def deepspeed_config(cfg: Config, world_size: int, bf16: bool) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.global_batch_size(world_size),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW: no JIT-compiled fused/CPU Adam
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: Config, world_size: int,
+                 bf16: bool) -> tuple[deepspeed.DeepSpeedEngine, Callable[[], torch.Tensor] | None]:
+    """(engine, measure_grad_norm): DeepSpeed's engine around `model`, stepping `optimizer` (param groups from
+    `expert_param_groups`) and `scheduler` at each accumulation boundary of `cfg.train`, with ZeRO
+    `cfg.parallel.zero_stage`, bf16 or fp32; and the `measure()` of `install_moe_grad_clipping` (None where
+    DeepSpeed clips by itself)."""
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, world_size, bf16))
+    measure_grad_norm = install_moe_grad_clipping(engine)
+    if world_size == 1 and not (engine.zero_optimization() or bf16):
+        # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
+        # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
+        engine.enable_backward_allreduce = False
+    return engine, measure_grad_norm
+
+
+def grad_norm(engine: deepspeed.DeepSpeedEngine) -> float:
+    """The gradient norm of the last optimizer step, before clipping (NaN where none was measured)."""
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Σ ||g||² over `grads` in float64, from one fused multi-tensor norm (no per-parameter kernels)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double().square().sum()
+
+
+def moe_grad_norm(parameters) -> torch.Tensor:
+    """L2 norm of the whole model's gradient with every expert counted once: the same number on every rank and
+    for every layout (the single-process norm of the same global batch).
+
+    Call it after DeepSpeed's gradient reduction: dense gradients are then identical on all ranks, and expert
+    gradients identical within an expert-data-parallel group, so summing the local experts' squared norms over
+    the expert-parallel group covers each expert exactly once. A collective over every expert-parallel group; a
+    device tensor, never read back here.
+    """
+    parameters = list(parameters)
+    device = parameters[0].device
+    dense, experts = [], {}
+    for param in parameters:
+        if param.grad is None:
+            continue
+        if is_moe_param(param):
+            experts.setdefault(param.group_name, []).append(param.grad.detach())
+        else:
+            dense.append(param.grad.detach())
+    total = _squared_norm(dense, device)
+    for name in sorted(experts):  # the same order on every rank
+        squared = _squared_norm(experts[name], device)
+        group = groups._get_expert_parallel_group(name) if torch.distributed.is_initialized() else None
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(squared, group=group)
+        total = total + squared
+    return total.sqrt()
+
+
+def install_moe_grad_clipping(engine: deepspeed.DeepSpeedEngine) -> Callable[[], torch.Tensor] | None:
+    """Exact gradient clipping for ZeRO stage 0 in fp32 (DeepSpeed's `clip_fp32_gradients` path).
+
+    DeepSpeed's own clipping there averages each rank's local norm over the data-parallel group. Under expert
+    parallelism ranks hold different experts, so that average is not the model's gradient norm (nor the
+    1-process one, and the clipping differs with it), and the engine records no norm at all
+    (`get_global_grad_norm()` is None). This replaces it with `moe_grad_norm`, clips with the configured
+    `gradient_clipping` on the device (no host read: a non-finite norm leaves the gradients as they are, for the
+    skipped-step logic), and records the norm tensor for `get_global_grad_norm()`. ZeRO 1/2 compute the norm over
+    the expert groups themselves (tests/train/test_distributed.py checks ZeRO-2 against 1 process); DeepSpeed's
+    bf16 optimizer keeps its own clipping.
+
+    Returns `measure()`, which computes the norm of the gradients as they stand (a device tensor) for the coming
+    clip, so that a caller that needs the norm before the step (the NaN/inf check) and the clip share one pass over
+    the gradients; None where DeepSpeed clips by itself.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    max_norm = float(engine.gradient_clipping())
+    measured: list[torch.Tensor] = []
+
+    def measure() -> torch.Tensor:
+        measured[:] = [moe_grad_norm(engine.module.parameters())]
+        return measured[0]
+
+    def clip_fp32_gradients() -> None:
+        grads = [p.grad.detach() for p in engine.module.parameters() if p.requires_grad and p.grad is not None]
+        norm = measured.pop() if measured else moe_grad_norm(engine.module.parameters())
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(coef), coef, 1.0).to(torch.float32)
+        torch._foreach_mul_(grads, coef)
+        engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+    return measure
