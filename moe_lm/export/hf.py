@@ -145,7 +145,7 @@ def router_tensors(router) -> dict[str, Tensor]:
     elif name == "mpi":
         out = {"rows": router.rows}
     elif name == "grmoe":
-        from moe_lm.routers.functional import log_kummer
+        from moe_lm.routers.grmoe_math import log_kummer
 
         kappa_E = router.concentrations()
         out = {"proj.weight": router.proj.weight, "frames": router.frames(), "kappa": kappa_E,

@@ -216,7 +216,7 @@ class MPIRouter(nn.Module):
 
 def log_kummer(a: float, b: float, z: Tensor, z_max: float) -> Tensor:
     """log M(a, b, z) of Kummer's confluent hypergeometric function for 0 <= z <= z_max, in float64, by its series
-    Σ_n (a)_n/((b)_n n!) z^n summed in log space (moe-lm `routers.functional.log_kummer`, same series length)."""
+    Σ_n (a)_n/((b)_n n!) z^n summed in log space (moe-lm `routers.grmoe_math.log_kummer`, same series length)."""
     num_terms = int(z_max + 10 * math.sqrt(z_max)) + 60
     z64 = z.double().clamp(0.0, z_max)
     n_N = torch.arange(num_terms, dtype=torch.float64, device=z.device)

@@ -1,9 +1,9 @@
-"""Routing metrics: pure functions from summed routing records to scalars, and the per-step tracker.
+"""Routing metrics: the routing record, pure functions from summed records to scalars, and the per-step tracker.
 
-Each MoE layer hands over, per training micro-batch, *sums* over its tokens (assignment counts, summed
-router probabilities, summed token entropies, ...). Sums compose: adding them over micro-batches and
-all-reducing them over ranks gives exactly the numbers of the single-process run on the global batch, and
-every metric below is a ratio of such sums, computed once per optimizer step.
+Each MoE layer hands over, per training micro-batch, a `RoutingRecord` of *sums* over its tokens (assignment
+counts, summed router probabilities, summed token entropies, ...). Sums compose: adding them over micro-batches and
+all-reducing them over ranks gives exactly the numbers of the single-process run on the global batch, and every
+metric below is a ratio of such sums, computed once per optimizer step.
 
 Shape suffixes: L MoE layers, E experts. The functions reduce over the last dimension, so the same code
 serves one layer ([E] -> []) and all layers at once ([L, E] -> [L]).
@@ -11,19 +11,100 @@ serves one layer ([E] -> []) and all layers at once ([L, E] -> [L]).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-VECTOR_KEYS = ("counts_E", "kept_counts_E", "probs_sum_E")
-"""[E] sums of a routing record: assignments before and after capacity drops, router probabilities."""
-SUM_KEYS = ("entropy_sum", "topk_mass_sum", "active_sum", "num_tokens")
-"""Scalar sums of a routing record: Σ_t H(p_t), Σ_t Σ_{e∈S_t} p_t,e, Σ_t |S_t|, T."""
-AVERAGED_PREFIXES = ("loss/", "stat/")
-"""Record keys averaged (not summed) over micro-batches and ranks."""
+from moe_lm.routers.base import Diagnostics
+from moe_lm.routers.functional import entropy
+
+
+@dataclass
+class RoutingRecord:
+    """Sums over the tokens of one MoE layer's forward: one micro-batch on one rank, built by the MoE layer
+    (`moe_lm.moe.routing_record`), or any number of them added up. p_t is token t's routing distribution over the
+    E experts and S_t the set of experts it is sent to.
+
+    `a + b` adds two records of one layer, `stack` sets layers side by side (every sum gets a leading [L]), and
+    `all_reduced` sums a record over ranks in one collective. The losses and stats are averaged, not summed, over
+    the forwards: their sums divided by `num_records`.
+    """
+
+    counts_E: Tensor  # assignments per expert before capacity drops
+    kept_counts_E: Tensor  # assignments per expert after capacity drops
+    probs_sum_E: Tensor  # Σ_t p_t
+    entropy_sum: Tensor  # Σ_t H(p_t)
+    topk_mass_sum: Tensor  # Σ_t Σ_{e∈S_t} p_t,e
+    active_sum: Tensor  # Σ_t |S_t|
+    num_tokens: Tensor  # T
+    num_records: Tensor  # forwards summed here (1 for one forward)
+    losses: dict[str, Tensor] = field(default_factory=dict)  # the router's unscaled aux losses, summed
+    stats: dict[str, Tensor] = field(default_factory=dict)  # the router's stats, summed
+
+    def _sums(self) -> list[Tensor]:
+        """Every summed tensor, in a fixed order: the tensor fields, then the losses and the stats by name."""
+        return ([getattr(self, f.name) for f in _SUM_FIELDS] + [self.losses[name] for name in sorted(self.losses)]
+                + [self.stats[name] for name in sorted(self.stats)])
+
+    def _with_sums(self, sums: Sequence[Tensor]) -> RoutingRecord:
+        """A record with this one's loss and stat names and `sums` in `_sums` order."""
+        fields, rest = sums[:len(_SUM_FIELDS)], sums[len(_SUM_FIELDS):]
+        losses, stats = sorted(self.losses), sorted(self.stats)
+        return RoutingRecord(**{f.name: t for f, t in zip(_SUM_FIELDS, fields)},
+                             losses=dict(zip(losses, rest[:len(losses)])), stats=dict(zip(stats, rest[len(losses):])))
+
+    def _through_flat(self, fn: Callable[[Tensor], Tensor]) -> RoutingRecord:
+        """`fn` applied to every sum at once, as one flat tensor: one copy or one collective per record."""
+        sums = self._sums()
+        flat = fn(torch.cat([t.reshape(-1) for t in sums]))
+        return self._with_sums([part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in sums]), sums)])
+
+    def __add__(self, other: RoutingRecord) -> RoutingRecord:
+        if self.losses.keys() != other.losses.keys() or self.stats.keys() != other.stats.keys():
+            raise ValueError(f"records of one layer report different losses or stats: {sorted(self.losses)} "
+                             f"{sorted(self.stats)} vs {sorted(other.losses)} {sorted(other.stats)}")
+        return self._with_sums([a + b for a, b in zip(self._sums(), other._sums())])
+
+    def to(self, *args, **kwargs) -> RoutingRecord:
+        """Detached, with every sum moved or cast as `Tensor.to(*args, **kwargs)` does."""
+        return self._through_flat(lambda flat: flat.detach().to(*args, **kwargs))
+
+    def all_reduced(self, group: dist.ProcessGroup | None = None) -> RoutingRecord:
+        """Summed over the ranks of `group` (None = world): one all-reduce, on the device, no host read. Every rank
+        must hold a record of the same shapes and loss and stat names."""
+        def all_reduce(flat: Tensor) -> Tensor:
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            return flat
+
+        return self._through_flat(all_reduce)
+
+    @staticmethod
+    def stack(records: Sequence[RoutingRecord | None]) -> RoutingRecord:
+        """The records of L layers side by side ([L, E] and [L] sums). A layer that recorded nothing (None) is
+        zeros; a loss or stat that a layer does not report is NaN there, so that its mean leaves the layer out."""
+        present = [r for r in records if r is not None]
+        nan = present[0].num_tokens.new_full((), math.nan)
+
+        def stacked(per_layer: list[Tensor | None], missing: Tensor) -> Tensor:
+            return torch.stack([missing if t is None else t for t in per_layer])
+
+        sums = {f.name: stacked([None if r is None else getattr(r, f.name) for r in records],
+                                torch.zeros_like(getattr(present[0], f.name))) for f in _SUM_FIELDS}
+        losses = {name: stacked([None if r is None else r.losses.get(name) for r in records], nan)
+                  for name in sorted({name for r in present for name in r.losses})}
+        stats = {name: stacked([None if r is None else r.stats.get(name) for r in records], nan)
+                 for name in sorted({name for r in present for name in r.stats})}
+        return RoutingRecord(**sums, losses=losses, stats=stats)
+
+
+_SUM_FIELDS = tuple(f for f in dataclasses.fields(RoutingRecord) if f.name not in ("losses", "stats"))
+"""The tensor fields of a routing record, in declaration order."""
 
 
 def load_shares(counts_E: Tensor) -> Tensor:
@@ -76,11 +157,6 @@ def per_token_mean(total: Tensor, num_tokens: Tensor) -> Tensor:
     return total / num_tokens.clamp_min(1)
 
 
-def entropy(p_E: Tensor) -> Tensor:
-    """Shannon entropy in nats, H(p) = −Σ_e p_e log p_e with 0 log 0 = 0; log E for the uniform distribution."""
-    return torch.special.entr(p_E).sum(-1)
-
-
 def mean_dist_entropy(probs_sum_E: Tensor, num_tokens: Tensor) -> Tensor:
     """Entropy of the mean routing distribution, H(p̄) with p̄ = probs_sum / T.
 
@@ -92,10 +168,6 @@ def mean_dist_entropy(probs_sum_E: Tensor, num_tokens: Tensor) -> Tensor:
 def effective_experts(entropy_nats: Tensor) -> Tensor:
     """exp(H): the number of equally used experts that would give this entropy (E when uniform, 1 collapsed)."""
     return entropy_nats.exp()
-
-
-def _float64(x: Tensor | float, device: torch.device) -> Tensor:
-    return torch.as_tensor(x).detach().to(device=device, dtype=torch.float64)
 
 
 def _spread(values_L: Tensor) -> dict[str, Tensor]:
@@ -117,51 +189,34 @@ class RoutingTracker:
                  per_layer: bool = False):
         self.num_moe_layers, self.num_experts = num_moe_layers, num_experts
         self.dead_expert_share, self.per_layer = dead_expert_share, per_layer
-        self._sums_LS: Tensor | None = None  # per layer: counts E | kept E | probs_sum E | SUM_KEYS
-        self._averaged: dict[str, Tensor] = {}  # name -> [2, L]: sum of values, number of values
-        self._reduced: tuple[list[str], Tensor] | None = None  # (averaged names, all-reduced flat sums)
+        self._records: list[RoutingRecord | None] = [None] * num_moe_layers  # per layer, summed over micro-batches
+        self._reduced: RoutingRecord | None = None  # all layers stacked, summed over ranks
         self._last_shares: list[list[float]] | None = None
         self._last_counts_LE: Tensor | None = None
 
-    def record(self, layer: int, record: Mapping[str, Tensor | float]) -> None:
+    def record(self, layer: int, record: RoutingRecord) -> None:
         """Add one micro-batch's routing record of MoE layer `layer` (0-based among MoE layers)."""
         if not 0 <= layer < self.num_moe_layers:
             raise IndexError(f"MoE layer {layer} out of range [0, {self.num_moe_layers})")
-        device = record["counts_E"].device
-        vectors = [_float64(record[k], device) for k in VECTOR_KEYS]
-        for key, v in zip(VECTOR_KEYS, vectors):
-            if v.shape != (self.num_experts,):
-                raise ValueError(f"{key} of MoE layer {layer} has shape {tuple(v.shape)}, "
-                                 f"expected ({self.num_experts},)")
-        row = torch.cat(vectors + [torch.stack([_float64(record[k], device).reshape(()) for k in SUM_KEYS])])
-        if self._sums_LS is None:
-            self._sums_LS = row.new_zeros(self.num_moe_layers, row.numel())
-        self._sums_LS[layer] += row
-        for name, value in record.items():
-            if name.startswith(AVERAGED_PREFIXES):
-                acc = self._averaged.get(name)
-                if acc is None:
-                    acc = self._averaged[name] = row.new_zeros(2, self.num_moe_layers)
-                acc[0, layer] += _float64(value, device).reshape(())
-                acc[1, layer] += 1
+        if record.counts_E.shape != (self.num_experts,):
+            raise ValueError(f"counts_E of MoE layer {layer} has shape {tuple(record.counts_E.shape)}, "
+                             f"expected ({self.num_experts},)")
+        record = record.to(torch.float64)
+        total = self._records[layer]
+        self._records[layer] = record if total is None else total + record
 
     def reduce(self, group: dist.ProcessGroup | None = None) -> None:
         """Sum what was recorded since the last reset over the ranks of `group` (None = world): one all-reduce,
         on the device, no host read. `layer_counts` and `compute` then see the global sums."""
-        if self._sums_LS is None:
+        if all(r is None for r in self._records):
             self._reduced = None
             return
-        names = sorted(self._averaged)
-        flat = torch.cat([self._sums_LS.flatten()] + [self._averaged[n].flatten() for n in names])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        self._reduced = (names, flat)
-        n_sums = self.num_moe_layers * (3 * self.num_experts + len(SUM_KEYS))
-        self._last_counts_LE = flat[:n_sums].view(self.num_moe_layers, -1)[:, :self.num_experts]
+        self._reduced = RoutingRecord.stack(self._records).all_reduced(group)
+        self._last_counts_LE = self._reduced.counts_E
 
     def reset(self) -> None:
         """Forget what was recorded (and reduced) so far."""
-        self._sums_LS, self._averaged, self._reduced = None, {}, None
+        self._records, self._reduced = [None] * self.num_moe_layers, None
 
     def compute(self, reset: bool = True, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """Metrics of everything recorded since the last reset, summed over the ranks of `group` (None = world;
@@ -175,39 +230,33 @@ class RoutingTracker:
             self.reduce(group)
         if self._reduced is None:
             return {}
-        names, flat = self._reduced
+        sums = self._reduced.to("cpu")
         if reset:
             self.reset()
 
-        L, E = self.num_moe_layers, self.num_experts
-        n_sums = L * (3 * E + len(SUM_KEYS))
-        flat = flat.cpu()
-        sums_LS, averaged = flat[:n_sums].view(L, -1), flat[n_sums:]
-        counts_LE, kept_LE, probs_LE = sums_LS[:, :E], sums_LS[:, E:2 * E], sums_LS[:, 2 * E:3 * E]
-        entropy_L, topk_L, active_L, tokens_L = sums_LS[:, 3 * E:].unbind(-1)
-        shares_LE = load_shares(counts_LE)
+        shares_LE = load_shares(sums.counts_E)
         self._last_shares = shares_LE.tolist()
-
-        seen = tokens_L > 0
+        seen = sums.num_tokens > 0
         if not seen.any():
             return {}
         layers = seen.nonzero().flatten().tolist()
-        counts_LE, kept_LE, shares_LE, tokens_L = counts_LE[seen], kept_LE[seen], shares_LE[seen], tokens_L[seen]
-        mean_dist_entropy_L = mean_dist_entropy(probs_LE[seen], tokens_L)
+        counts_LE, kept_LE, shares_LE = sums.counts_E[seen], sums.kept_counts_E[seen], shares_LE[seen]
+        tokens_L = sums.num_tokens[seen]
+        mean_dist_entropy_L = mean_dist_entropy(sums.probs_sum_E[seen], tokens_L)
         per_layer_L = {
             "load_cv": load_cv(counts_LE),
             "max_over_mean": max_over_mean(counts_LE),
             "drop_frac": drop_fraction(counts_LE, kept_LE),
             "dead_experts": dead_experts(counts_LE, self.dead_expert_share),
-            "token_entropy": per_token_mean(entropy_L[seen], tokens_L),
+            "token_entropy": per_token_mean(sums.entropy_sum[seen], tokens_L),
             "mean_dist_entropy": mean_dist_entropy_L,
             "effective_experts": effective_experts(mean_dist_entropy_L),
-            "topk_mass": per_token_mean(topk_L[seen], tokens_L),
-            "active_experts": per_token_mean(active_L[seen], tokens_L),
+            "topk_mass": per_token_mean(sums.topk_mass_sum[seen], tokens_L),
+            "active_experts": per_token_mean(sums.active_sum[seen], tokens_L),
         }
-        for i, name in enumerate(names):
-            value_sum_L, value_count_L = averaged[2 * L * i:2 * L * (i + 1)].view(2, L)
-            per_layer_L[name] = (value_sum_L / value_count_L)[seen]  # NaN where a layer never reported it
+        for kind, named_sums in (("loss", sums.losses), ("stat", sums.stats)):
+            for name, sum_L in named_sums.items():
+                per_layer_L[f"{kind}/{name}"] = (sum_L / sums.num_records)[seen]  # NaN where a layer never reported it
 
         out: dict[str, Tensor | float] = {}
         for name, values_L in per_layer_L.items():
@@ -239,3 +288,16 @@ class RoutingTracker:
     def last_load_shares(self) -> list[list[float]] | None:
         """The [L][E] load shares f_e of the last computed step (the expert-load heatmap), None before any."""
         return self._last_shares
+
+
+def diagnostics_metrics(layers: Sequence[Diagnostics], per_layer: bool) -> dict[str, float]:
+    """The routers' `Diagnostics` of every MoE layer as `router/...` metrics: each scalar and each per-expert mean
+    averaged over the layers; with `per_layer`, also every layer's values (every expert's included) under
+    `router/layer{i}/...`."""
+    summaries = [d.summary() for d in layers]
+    out = {f"router/{key}": sum(s[key] for s in summaries) / len(summaries) for key in summaries[0]} if layers else {}
+    if per_layer:
+        for i, (diagnostics, summary) in enumerate(zip(layers, summaries)):
+            values = summary | diagnostics.expert_values()
+            out.update({f"router/layer{i}/{key}": value for key, value in values.items()})
+    return out

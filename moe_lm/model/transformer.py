@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_lm.config.schema import ModelConfig
+from moe_lm.metrics.routing import RoutingRecord
 from moe_lm.metrics.throughput import flops_per_token
 from moe_lm.model.layers import CausalSelfAttention, RMSNorm, SwiGLU, rope_tables
 from moe_lm.model.loss import linear_cross_entropy
@@ -92,7 +93,7 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
 
-    def routing_records(self) -> list[dict[str, Tensor] | None]:
+    def routing_records(self) -> list[RoutingRecord | None]:
         """The routing record of each MoE layer's last training forward (`moe_lm.moe.routing_record`)."""
         return [layer.gate.record for layer in self.moe_layers()]
 

@@ -33,6 +33,7 @@ from packaging.version import Version
 from torch import Tensor, nn
 
 from moe_lm.config.schema import MoEConfig
+from moe_lm.metrics.routing import RoutingRecord
 from moe_lm.model.layers import SwiGLU
 from moe_lm.moe.dispatch import batched_swiglu, capacity_slots, grouped_swiglu, sort_by_expert
 from moe_lm.routers import Router, RouterOutput
@@ -84,7 +85,7 @@ class RouterGate(nn.Module):
         self.num_experts = moe_cfg.num_experts
         self.force_balanced_routing = moe_cfg.force_balanced_routing
         self.local_expert_w1 = local_expert_w1
-        self.record: dict[str, Tensor] | None = None
+        self.record: RoutingRecord | None = None
         self.record_always = False
 
     def _set_ep_group(self, ep_group) -> None:
@@ -110,7 +111,7 @@ class RouterGate(nn.Module):
 
 
 @torch.no_grad()
-def routing_record(out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> dict[str, Tensor]:
+def routing_record(out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> RoutingRecord:
     """Per-micro-batch sums from which `moe_lm.metrics` computes load balance, collapse and entropy."""
     if out.expert_choice:  # every pick is used; a token's mass is summed over the experts that picked it
         selected_mass = out.probs_TE.t().gather(1, out.token_ids_EC)
@@ -119,18 +120,18 @@ def routing_record(out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -
         used_TK = out.expert_ids_TK >= 0
         selected_mass = out.probs_TE.gather(-1, out.expert_ids_TK.clamp_min(0)) * used_TK
         active = used_TK.sum().float()
-    record = {
-        "counts_E": counts_E,
-        "kept_counts_E": kept_counts_E,
-        "probs_sum_E": out.probs_TE.sum(0),
-        "entropy_sum": entropy(out.probs_TE).sum(),
-        "topk_mass_sum": selected_mass.sum(),
-        "active_sum": active,
-        "num_tokens": torch.full((), float(out.probs_TE.shape[0]), device=counts_E.device),
-    }
-    record.update({f"loss/{name}": loss.detach().float() for name, loss in out.aux_losses.items()})
-    record.update({f"stat/{name}": value.detach().float() for name, value in out.stats.items()})
-    return record
+    return RoutingRecord(
+        counts_E=counts_E,
+        kept_counts_E=kept_counts_E,
+        probs_sum_E=out.probs_TE.sum(0),
+        entropy_sum=entropy(out.probs_TE).sum(),
+        topk_mass_sum=selected_mass.sum(),
+        active_sum=active,
+        num_tokens=torch.full((), float(out.probs_TE.shape[0]), device=counts_E.device),
+        num_records=torch.ones((), device=counts_E.device),
+        losses={name: loss.detach().float() for name, loss in out.aux_losses.items()},
+        stats={name: value.detach().float() for name, value in out.stats.items()},
+    )
 
 
 def stable_seed(*parts: object) -> int:

@@ -6,7 +6,7 @@ Adding a router costs one file here, one line in `REGISTRY`, one recipe in `reci
 from __future__ import annotations
 
 from moe_lm.config.schema import ConfigError, RouterConfig
-from moe_lm.routers.base import Router, RouterOutput
+from moe_lm.routers.base import Diagnostics, Router, RouterOutput
 from moe_lm.routers.expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
 from moe_lm.routers.grmoe import GrMoEConfig, GrMoERouter
 from moe_lm.routers.hash import HashConfig, HashRouter
@@ -35,4 +35,4 @@ def build_router(cfg: RouterConfig, d_model: int, num_experts: int, top_k: int) 
     return REGISTRY[cfg.name][1](cfg, d_model, num_experts, top_k)
 
 
-__all__ = ["REGISTRY", "Router", "RouterOutput", "build_router", "router_config_class"]
+__all__ = ["REGISTRY", "Diagnostics", "Router", "RouterOutput", "build_router", "router_config_class"]

@@ -16,6 +16,8 @@ A router returns one of two assignments:
 - aux_losses:    named, *unscaled* auxiliary losses; each router's config owns their coefficients
                  (`Router.loss_coefs`), applied once by the DeepSpeed gate adapter in `moe_lm/moe/`.
 - stats:         named scalar statistics to log (averaged over micro-batches and ranks).
+Costly measurements (`Router.diagnostics`, every `metrics.diagnostics_interval` steps) come as `Diagnostics`:
+scalars, and per-expert values over all E experts.
 
 A router never reaches into its parent module. What it needs beyond the hidden states comes as an explicit
 keyword from the MoE block: `expert_w1_EFD` (this rank's local experts' SwiGLU gate matrices, for routers
@@ -51,6 +53,30 @@ class RouterOutput:
         return self.token_ids_EC is not None
 
 
+@dataclass(frozen=True)
+class Diagnostics:
+    """A router's costly measurements, logged as `router/<name>` (docs/metrics.md).
+
+    scalars:    one number per name; logged as the mean over MoE layers.
+    per_expert: an [E] tensor per name, over all experts in global id order (gathered over the EP group); logged
+                as `<name>_mean` (mean over experts, then over layers), and with `metrics.per_layer` as
+                `<name>/e{id}` per expert.
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    per_expert: dict[str, Tensor] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        """The scalars and, for each per-expert name, its mean over the experts as `<name>_mean`."""
+        means = {f"{name}_mean": values_E.float().mean().item() for name, values_E in self.per_expert.items()}
+        return self.scalars | means
+
+    def expert_values(self) -> dict[str, float]:
+        """Every per-expert value, as `<name>/e{id}`."""
+        return {f"{name}/e{e}": value for name, values_E in self.per_expert.items()
+                for e, value in enumerate(values_E.tolist())}
+
+
 class Router(nn.Module):
     """Base of all routers: holds the config, the top-k and the expert-parallel group.
 
@@ -83,9 +109,9 @@ class Router(nn.Module):
         """Called once per optimizer step with this layer's global assignment counts of the step (only when
         `needs_step_counts`)."""
 
-    def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
+    def diagnostics(self, expert_w1_EFD: Tensor | None) -> Diagnostics:
         """Costly router-specific measurements, logged at `metrics.diagnostics_interval`."""
-        return {}
+        return Diagnostics()
 
     @property
     def local_expert_offset(self) -> int:

@@ -4,7 +4,8 @@ Only the paper's abstract is public [ABS]: gating weights "arise from the concen
 Bingham distributions" on the Grassmannian; one knob, the concentration matrix Λ, continuously controls routing
 entropy; amortized variational inference gives posterior routing; bounds tie the concentration spectrum to
 entropy, top-k mass and collapse; post-hoc sparsity tuning without retraining. Everything concrete below is
-our DERIVED design (docs/routers.md §1.4–1.7, §1.10; docs/routers/grmoe.md), not the paper's method.
+our DERIVED design (docs/routers.md §1.4–1.7, §1.10; docs/routers/grmoe.md), not the paper's method. The math
+(Bingham normaliser, frames, dispatches, losses, bounds) is in `grmoe_math.py`.
 
 Shape suffixes: T tokens, D model width, M routing dimension m, P subspace dimension p, E experts,
 K dispatch slots per token (top_k in training; max_experts under threshold dispatch), H VI hidden width.
@@ -29,11 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
-from moe_lm.routers.functional import (bingham_log_likelihood, diag_gaussian_kl, entropy, gumbel_topk_routing,
-                                       marginal_kl_to_uniform, orthonormal_frames,
-                                       subspace_affinity, subspace_overlap, switch_load_balancing_loss,
-                                       topk_mass_min_gap, topk_routing, update_balance_bias)
+from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
+from moe_lm.routers.functional import switch_load_balancing_loss, topk_routing, update_balance_bias
+from moe_lm.routers.grmoe_math import (bingham_log_likelihood, diag_gaussian_kl, gumbel_topk_routing,
+                                       marginal_kl_to_uniform, orthonormal_frames, subspace_affinity,
+                                       subspace_overlap, topk_mass_min_gap)
 
 DISPATCH_MODES = ("topk", "sample")
 VARIATIONAL_MODES = ("none", "logit", "concentration")
@@ -321,7 +322,7 @@ class GrMoERouter(PostHocSparsity, Router):
                 losses["kl"] = kl_T.mean()
             if cfg.load_balance_coef > 0:
                 losses["load_balance"] = switch_load_balancing_loss(probs_TE, expert_ids_TK)
-        stats = self._stats(probs_TE, expert_ids_TK, kappa_E, overlap, vi_sigma_TE)
+        stats = self._stats(probs_TE, kappa_E, overlap, vi_sigma_TE)
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
 
     def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
@@ -333,17 +334,17 @@ class GrMoERouter(PostHocSparsity, Router):
         return mu_TE, sigma_TE
 
     @torch.no_grad()
-    def _stats(self, probs_TE: Tensor, expert_ids_TK: Tensor, kappa_E: Tensor, overlap: Tensor,
+    def _stats(self, probs_TE: Tensor, kappa_E: Tensor, overlap: Tensor,
                vi_sigma_TE: Tensor | None) -> dict[str, Tensor]:
-        """Per-forward scalars, left on the device (no host read): the metrics accumulator reduces them later."""
-        token_entropy = entropy(probs_TE).mean()
+        """Per-forward scalars, left on the device (no host read): the metrics accumulator reduces them later.
+
+        Token entropy, active experts and the dispatched mass are in every router's routing record (docs/metrics.md);
+        `top_k_prob_mass` is C1's M_k, the mass of the k most probable experts, which differs from the dispatched
+        mass under sampled or threshold dispatch."""
         stats = {
             "kappa_mean": kappa_E.mean(), "kappa_min": kappa_E.min(), "kappa_max": kappa_E.max(),
             "kappa_std": torch.var_mean(kappa_E, correction=0)[0].sqrt(),  # Tensor.std reads a scalar back on CPU
-            "token_entropy": token_entropy,
-            "effective_experts": token_entropy.exp(),
-            "topk_mass": probs_TE.topk(self.top_k, dim=-1).values.sum(-1).mean(),
-            "active_experts": (expert_ids_TK >= 0).sum(-1).float().mean(),
+            "top_k_prob_mass": probs_TE.topk(self.top_k, dim=-1).values.sum(-1).mean(),
             "separation": overlap,
         }
         if vi_sigma_TE is not None:
@@ -359,8 +360,7 @@ class GrMoERouter(PostHocSparsity, Router):
             update_balance_bias(self.balance_bias_E, counts_E, self.cfg.bias_update_rate)
 
     @torch.no_grad()
-    def diagnostics(self, expert_w1_EFD: Tensor | None = None) -> dict[str, float]:
+    def diagnostics(self, expert_w1_EFD: Tensor | None = None) -> Diagnostics:
         """Per-expert concentrations κ_e (the learned Λ) and the mean subspace overlap."""
-        out = {f"grmoe/kappa/e{j}": float(k) for j, k in enumerate(self.concentrations().tolist())}
-        out["grmoe/separation"] = float(subspace_overlap(self.frames()))
-        return out
+        return Diagnostics(scalars={"grmoe/separation": float(subspace_overlap(self.frames()))},
+                           per_expert={"grmoe/kappa": self.concentrations()})

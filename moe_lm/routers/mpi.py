@@ -5,10 +5,12 @@ iteration on expert e's SwiGLU gate matrix W1_e followed by a retraction to the 
 from a learned row r_e and the *current* expert weights, with autograd through both. Tokens are scored by
 logits = R·x φᵀ, then softmax, top-k and renormalisation as in the baseline, with the same Switch loss.
 Fixed point: φ_e = ±v₁(W1_e), the expert's top right singular vector. Forward pass from the authors' code
-(routers.md §2.3); math in `moe_lm/routers/functional.py`; config, ablations and diagnostics in docs/routers/mpi.md.
+(routers.md §2.3); the power step is below, the alignment diagnostics in `alignment.py`; config, ablations and
+diagnostics in docs/routers/mpi.md.
 
 Shape suffixes: T tokens, D model width, E experts (all), L this rank's local experts (E / ep_size), F expert
-hidden width, K selected slots per token.
+hidden width, K selected slots per token, R = min(F, D) singular values. W_e = W1_e ∈ R^{F×D} is expert e's SwiGLU
+gate matrix, G_e = W_eᵀW_e, σ₁ ≥ σ₂ ≥ … its singular values and v₁ its top right singular vector.
 """
 
 from __future__ import annotations
@@ -22,21 +24,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
-from moe_lm.routers.functional import (
-    alignment_specificity,
-    direction_alignment,
-    expert_scalars,
-    gather_over_group,
-    manifold_power_iteration,
-    pairwise_cosine,
-    principal_right_singular,
-    rayleigh_ratio,
-    sequence_load_balancing_loss,
-    switch_load_balancing_loss,
-    topk_routing,
-    z_loss,
-)
+from moe_lm.routers.alignment import (alignment_specificity, direction_alignment, pairwise_cosine,
+                                     principal_right_singular, rayleigh_ratio)
+from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
+from moe_lm.routers.functional import (gather_over_group, sequence_load_balancing_loss, switch_load_balancing_loss,
+                                       topk_routing, z_loss)
 
 
 @dataclass
@@ -75,6 +67,34 @@ class MPIConfig(RouterConfig):
         if not self.power and (self.power_steps != 1 or self.detach_w1):
             warnings.warn("model.moe.router.power=false (normalised rows): power_steps and detach_w1 are ignored",
                           stacklevel=2)
+
+
+def power_retract_step(rows_ED: Tensor, w1_EFD: Tensor) -> Tensor:
+    """One "power-then-retract" step per expert: φ_e = G_e r_e / ||G_e r_e||₂, with G_e = W_eᵀW_e.  [CODE]
+
+    Power: G_e r_e is computed as W_eᵀ(W_e r_e), two batched matvecs (2·E·F·D multiply-adds); the D×D Gram
+    matrix is never formed. Retract: L2 normalisation back onto the unit sphere, so ||φ_e|| = 1 whatever
+    ||r_e|| or σ₁(W_e) (a zero row stays zero). The map's fixed points are ±v_i(W_e); only ±v₁ is stable.
+    Source: the authors' `aoe4.py`, class `MoEMbs` (routers.md §2.3). Differentiable in both arguments
+    (MPI does not detach W); runs in the inputs' dtype.
+    """
+    u_EF = torch.einsum("efd,ed->ef", w1_EFD, rows_ED)  # W_e r_e
+    g_ED = torch.einsum("efd,ef->ed", w1_EFD, u_EF)  # W_eᵀ (W_e r_e) = G_e r_e
+    return F.normalize(g_ED, dim=-1)
+
+
+def manifold_power_iteration(rows_ED: Tensor, w1_EFD: Tensor, steps: int) -> Tensor:
+    """φ = Tⁿ(r) for n = `steps` applications of `power_retract_step` T (the paper and code use n = 1).
+
+    Since Tⁿ(r) = Gⁿr / ||Gⁿr||, n steps are n steps of power iteration on G_e, with the classic rate
+    tan∠(φ_e, v₁) ≤ (σ₂/σ₁)^{2n} · tan∠(r_e, v₁)  [DERIVED, routers.md §2.4].
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    phi_ED = rows_ED
+    for _ in range(steps):
+        phi_ED = power_retract_step(phi_ED, w1_EFD)
+    return phi_ED
 
 
 class MPIRouter(PostHocSparsity, Router):
@@ -160,16 +180,16 @@ class MPIRouter(PostHocSparsity, Router):
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses)
 
     @torch.no_grad()
-    def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
-        """Alignment a_e = |⟨φ_e, v₁(W1_e)⟩| and Rayleigh ratio ||W1_e φ_e|| / σ₁(W1_e), per expert and mean, from an
-        exact SVD; plus the means of the same two for the raw rows r (what the optimizer moves; compare
-        `softmax_topk`), of the spectral gap σ₂/σ₁ (near 1, v₁ is ill-defined and alignment means little), and the
-        specificity of φ and of r (own expert's v₁ vs the others': `functional.alignment_specificity`), and the
-        mean and max |cos| between different experts' φ (`functional.pairwise_cosine`).
-        Collective under expert parallelism: every rank of the EP group must call it, and all return the full dict.
+    def diagnostics(self, expert_w1_EFD: Tensor | None) -> Diagnostics:
+        """Per expert, from an exact SVD: the alignment a_e = |⟨φ_e, v₁(W1_e)⟩| and Rayleigh ratio
+        ||W1_e φ_e|| / σ₁(W1_e), the same two for the raw rows r (what the optimizer moves; compare `softmax_topk`),
+        and the spectral gap σ₂/σ₁ (near 1, v₁ is ill-defined and alignment means little); as scalars, the
+        specificity of φ and of r (own expert's v₁ vs the others': `alignment.alignment_specificity`), and the mean
+        and max |cos| between different experts' φ (`alignment.pairwise_cosine`: is "aligned" expert-specific?).
+        Collective under expert parallelism: every rank of the EP group must call it, and all get every expert.
         """
         if expert_w1_EFD is None:
-            return {}
+            return Diagnostics()
         w1_LFD = expert_w1_EFD.float()
         rows_LD = self._local_rows(w1_LFD.shape[0])
         if self.cfg.power:
@@ -177,16 +197,17 @@ class MPIRouter(PostHocSparsity, Router):
         else:
             phi_LD = F.normalize(rows_LD, dim=-1)
         sigma_LR, v1_LD = principal_right_singular(w1_LFD)
-        alignment_E = gather_over_group(direction_alignment(phi_LD, v1_LD), self.ep_group)
-        rayleigh_E = gather_over_group(rayleigh_ratio(phi_LD, w1_LFD, sigma_LR[:, 0]), self.ep_group)
-        summary_3E = gather_over_group(torch.stack([direction_alignment(rows_LD, v1_LD),  # what the optimizer moves
-                                                    rayleigh_ratio(rows_LD, w1_LFD, sigma_LR[:, 0]),
-                                                    sigma_LR[:, 1] / sigma_LR[:, 0]], dim=1), self.ep_group).mean(0)
+        sigma1_L = sigma_LR[:, 0]
+        per_expert_L5 = torch.stack([direction_alignment(phi_LD, v1_LD), rayleigh_ratio(phi_LD, w1_LFD, sigma1_L),
+                                     direction_alignment(rows_LD, v1_LD), rayleigh_ratio(rows_LD, w1_LFD, sigma1_L),
+                                     sigma_LR[:, 1] / sigma1_L], dim=1)
+        per_expert_E5 = gather_over_group(per_expert_L5, self.ep_group)
         phi_ED, v1_ED = gather_over_group(phi_LD, self.ep_group), gather_over_group(v1_LD, self.ep_group)
         pairwise_mean, pairwise_max = pairwise_cosine(phi_ED)
-        return {**expert_scalars("mpi/alignment", alignment_E), **expert_scalars("mpi/rayleigh", rayleigh_E),
-                "mpi/row_alignment_mean": summary_3E[0].item(), "mpi/row_rayleigh_mean": summary_3E[1].item(),
-                "mpi/sigma2_over_sigma1_mean": summary_3E[2].item(),
-                "mpi/specificity": alignment_specificity(phi_ED, v1_ED).item(),
-                "mpi/phi_pairwise_cos_mean": pairwise_mean.item(), "mpi/phi_pairwise_cos_max": pairwise_max.item(),
-                "mpi/row_specificity": alignment_specificity(self.rows, v1_ED).item()}
+        names = ("alignment", "rayleigh", "row_alignment", "row_rayleigh", "sigma2_over_sigma1")
+        return Diagnostics(
+            scalars={"mpi/specificity": alignment_specificity(phi_ED, v1_ED).item(),
+                     "mpi/row_specificity": alignment_specificity(self.rows, v1_ED).item(),
+                     "mpi/phi_pairwise_cos_mean": pairwise_mean.item(),
+                     "mpi/phi_pairwise_cos_max": pairwise_max.item()},
+            per_expert={f"mpi/{name}": values_E for name, values_E in zip(names, per_expert_E5.unbind(1))})

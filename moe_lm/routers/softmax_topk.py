@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
-from moe_lm.routers.base import PostHocSparsity, Router, RouterOutput
-from moe_lm.routers.functional import (alignment_specificity, direction_alignment, expert_scalars, gather_over_group,
-                                       principal_right_singular, switch_load_balancing_loss, topk_routing,
-                                       update_balance_bias, z_loss)
+from moe_lm.routers.alignment import alignment_specificity, direction_alignment, principal_right_singular
+from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
+from moe_lm.routers.functional import (gather_over_group, switch_load_balancing_loss, topk_routing, update_balance_bias,
+                                       z_loss)
 
 
 @dataclass
@@ -87,11 +87,11 @@ class SoftmaxTopKRouter(PostHocSparsity, Router):
             update_balance_bias(self.balance_bias_E, counts_E, self.cfg.bias_update_rate)
 
     @torch.no_grad()
-    def diagnostics(self, expert_w1_EFD: Tensor | None) -> dict[str, float]:
-        """|cos| of each router row with its expert's top right singular vector, and its specificity (own expert
-        vs the others), for comparison with `mpi`. Collective under expert parallelism."""
+    def diagnostics(self, expert_w1_EFD: Tensor | None) -> Diagnostics:
+        """|cos| of each router row with its expert's top right singular vector (per expert), and the rows'
+        specificity (own expert vs the others), for comparison with `mpi`. Collective under expert parallelism."""
         if expert_w1_EFD is None:
-            return {}
+            return Diagnostics()
         v1_ED = gather_over_group(principal_right_singular(expert_w1_EFD)[1], self.ep_group)
-        return {**expert_scalars("softmax_topk/alignment", direction_alignment(self.proj.weight, v1_ED)),
-                "softmax_topk/specificity": alignment_specificity(self.proj.weight, v1_ED).item()}
+        return Diagnostics(scalars={"softmax_topk/specificity": alignment_specificity(self.proj.weight, v1_ED).item()},
+                           per_expert={"softmax_topk/alignment": direction_alignment(self.proj.weight, v1_ED)})

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from moe_lm import checkpoint as ckpt
 from moe_lm.config import Config, ConfigError, to_dict, to_yaml
 from moe_lm.data import make_batch, open_training_data, prepare_training_data, rank_slice
-from moe_lm.metrics import RoutingTracker, ThroughputMeter, build_loggers, peak_flops, read_wandb_id
+from moe_lm.metrics import (RoutingTracker, ThroughputMeter, build_loggers, diagnostics_metrics, peak_flops,
+                            read_wandb_id)
 from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
 from moe_lm.moe.engine import build_engine, expert_param_groups, grad_norm
@@ -264,17 +265,11 @@ class Trainer:
         return metrics
 
     def _diagnostics(self) -> dict[str, float]:
-        """Routers' costly measurements: scalars averaged over MoE layers; per-layer and per-expert values (keys
-        like `.../e3`) only with `metrics.per_layer`."""
+        """Routers' costly measurements (`metrics.diagnostics_metrics`): averaged over MoE layers; per-layer and
+        per-expert values only with `metrics.per_layer`."""
         with torch.no_grad():
             per_layer = [moe.router.diagnostics(moe.local_expert_w1()) for moe in self.model.moe_layers()]
-        out = {}
-        for key in per_layer[0] if per_layer else []:
-            if "/e" not in key:
-                out[f"router/{key}"] = sum(d[key] for d in per_layer) / len(per_layer)
-            if self.cfg.metrics.per_layer:
-                out.update({f"router/layer{i}/{key}": d[key] for i, d in enumerate(per_layer)})
-        return out
+        return diagnostics_metrics(per_layer, self.cfg.metrics.per_layer)
 
     def train(self) -> dict:
         """Train to `train.max_steps` and return the summary; after a stop signal, return {"interrupted": True,

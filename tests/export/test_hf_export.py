@@ -188,7 +188,7 @@ def trained_in_process(overrides, steps=4):
         optimizer.step()
         optimizer.zero_grad()
         if model.needs_step_counts():
-            model.after_step([record["counts_E"] for record in model.routing_records()])
+            model.after_step([record.counts_E for record in model.routing_records()])
     return model.eval(), cfg
 
 

@@ -140,7 +140,7 @@ def test_dropped_tokens_contribute_nothing_to_the_output():
 def test_force_balanced_routing_spreads_tokens_evenly():
     layer = make_layer("softmax_topk", "model.moe.force_balanced_routing=true")
     layer(torch.randn(T, D))
-    assert layer.gate.record["counts_E"].tolist() == [T * K / E] * E
+    assert layer.gate.record.counts_E.tolist() == [T * K / E] * E
 
 
 def test_routing_record_is_kept_only_in_training_with_grad():
@@ -149,7 +149,7 @@ def test_routing_record_is_kept_only_in_training_with_grad():
         layer(torch.randn(T, D))
     assert layer.gate.record is None
     layer(torch.randn(T, D))
-    assert layer.gate.record["num_tokens"] == T and layer.gate.record["counts_E"].sum() == T * K
+    assert layer.gate.record.num_tokens == T and layer.gate.record.counts_E.sum() == T * K
 
 
 def test_no_routing_record_is_taken_while_records_are_paused():
@@ -167,7 +167,7 @@ def test_capacity_drops_are_recorded_per_expert():
                        "model.moe.min_capacity=1")
     layer(torch.randn(T, D))
     record = layer.gate.record
-    assert torch.equal(record["kept_counts_E"], record["counts_E"].clamp_max(4))
+    assert torch.equal(record.kept_counts_E, record.counts_E.clamp_max(4))
 
 
 class _FixedExpertChoice(torch.nn.Module):

@@ -203,7 +203,7 @@ def test_layer_output_equals_a_loop_over_each_experts_picks(selection):
                 expected_TD[t] += weight * layer.local_experts[e](x_TD[t])
     torch.testing.assert_close(y_BSD.reshape(T, D), expected_TD, rtol=1e-5, atol=1e-6)
     record = layer.gate.record
-    assert torch.equal(record["counts_E"], torch.full((E,), float(out.token_ids_EC.shape[1])))
+    assert torch.equal(record.counts_E, torch.full((E,), float(out.token_ids_EC.shape[1])))
 
 
 def test_gradients_reach_the_router_weights_through_the_combine_weights_and_the_z_loss():

@@ -144,7 +144,7 @@ def test_inside_deepspeeds_moe_layer_experts_get_gradients_and_the_router_has_no
     assert all(p.grad is not None for p in layer.local_experts.parameters())
     assert not [n for n, p in layer.named_parameters() if p.grad is not None and "deepspeed_experts" not in n]
     expected = layer.router(x_BSD.reshape(-1, D), token_ids_T=token_ids_BS.reshape(-1)).expert_ids_TK
-    assert torch.equal(layer.gate.record["counts_E"], assignment_counts(expected, E))
+    assert torch.equal(layer.gate.record.counts_E, assignment_counts(expected, E))
     with pytest.raises(ValueError, match="token_ids_T"):
         layer(x_BSD)
 

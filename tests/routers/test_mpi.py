@@ -20,17 +20,10 @@ from moe_lm.config import load_config
 from moe_lm.config.schema import ConfigError, MoEConfig
 from moe_lm.model.transformer import count_parameters
 from moe_lm.moe import MoEFeedForward
-from moe_lm.routers import REGISTRY, build_router
-from moe_lm.routers.functional import (
-    alignment_specificity,
-    direction_alignment,
-    manifold_power_iteration,
-    power_retract_step,
-    principal_right_singular,
-    rayleigh_ratio,
-    router_alignment,
-)
-from moe_lm.routers.mpi import MPIConfig, MPIRouter
+from moe_lm.routers import REGISTRY, Diagnostics, build_router
+from moe_lm.routers.alignment import (alignment_specificity, direction_alignment, principal_right_singular,
+                                     rayleigh_ratio, router_alignment)
+from moe_lm.routers.mpi import MPIConfig, MPIRouter, manifold_power_iteration, power_retract_step
 from moe_lm.routers.softmax_topk import SoftmaxTopKConfig, SoftmaxTopKRouter
 from tests.distributed_utils import run_distributed
 
@@ -64,7 +57,7 @@ def router_only_loss(out, c_TE: torch.Tensor) -> torch.Tensor:
             + out.aux_losses["load_balance"] + 0.1 * out.aux_losses["z_loss"])
 
 
-# ---- the math (moe_lm/routers/functional.py) -------------------------------------------------------------------
+# ---- the math (moe_lm/routers/mpi.py, moe_lm/routers/alignment.py) ---------------------------------------------
 
 
 def test_power_iteration_converges_to_top_right_singular_vector():
@@ -285,29 +278,31 @@ def test_recipes_load_as_mpi_with_the_base_models():
 def test_diagnostics_report_alignment_and_rayleigh_per_expert_and_mean():
     router, w1 = make_router(), make_w1()
     diag = router.diagnostics(w1)
-    per_expert = [f"mpi/{m}/e{e}" for m in ("alignment", "rayleigh") for e in range(E)]
-    summary = {"mpi/alignment_mean", "mpi/rayleigh_mean", "mpi/row_alignment_mean", "mpi/row_rayleigh_mean",
-               "mpi/sigma2_over_sigma1_mean"}
-    assert set(diag) == summary | set(per_expert) | {"mpi/specificity", "mpi/row_specificity",
-                                                     "mpi/phi_pairwise_cos_mean", "mpi/phi_pairwise_cos_max"}
-    assert all(isinstance(diag[k], float) and 0 <= diag[k] <= 1 + 1e-6 for k in summary | set(per_expert))
+    per_expert = {f"mpi/{m}" for m in ("alignment", "rayleigh", "row_alignment", "row_rayleigh", "sigma2_over_sigma1")}
+    assert set(diag.per_expert) == per_expert
+    assert set(diag.scalars) == {"mpi/specificity", "mpi/row_specificity", "mpi/phi_pairwise_cos_mean",
+                                 "mpi/phi_pairwise_cos_max"}
+    assert all(values.shape == (E,) and 0 <= values.min() and values.max() <= 1 + 1e-6
+               for values in diag.per_expert.values())
     v1 = principal_right_singular(w1)[1]
-    assert diag["mpi/specificity"] == pytest.approx(alignment_specificity(router.directions(w1), v1).item(), abs=1e-6)
+    assert diag.scalars["mpi/specificity"] == pytest.approx(
+        alignment_specificity(router.directions(w1), v1).item(), abs=1e-6)
     sigma = torch.linalg.svdvals(w1)
-    assert diag["mpi/sigma2_over_sigma1_mean"] == pytest.approx((sigma[:, 1] / sigma[:, 0]).mean().item(), abs=1e-6)
-    assert diag["mpi/row_rayleigh_mean"] == pytest.approx(rayleigh_ratio(router.rows, w1).mean().item(), abs=1e-6)
+    summary = diag.summary()
+    assert summary["mpi/sigma2_over_sigma1_mean"] == pytest.approx((sigma[:, 1] / sigma[:, 0]).mean().item(), abs=1e-6)
+    assert summary["mpi/row_rayleigh_mean"] == pytest.approx(rayleigh_ratio(router.rows, w1).mean().item(), abs=1e-6)
     phi = router.directions(w1)
-    assert diag["mpi/alignment/e2"] == pytest.approx(router_alignment(phi, w1)[2].item(), abs=1e-6)
-    assert diag["mpi/alignment_mean"] == pytest.approx(router_alignment(phi, w1).mean().item(), abs=1e-6)
-    assert diag["mpi/row_alignment_mean"] == pytest.approx(router_alignment(router.rows, w1).mean().item(), abs=1e-6)
-    assert router.diagnostics(None) == {}
+    assert_close(diag.per_expert["mpi/alignment"], router_alignment(phi, w1), atol=1e-6, rtol=0)
+    assert summary["mpi/alignment_mean"] == pytest.approx(router_alignment(phi, w1).mean().item(), abs=1e-6)
+    assert summary["mpi/row_alignment_mean"] == pytest.approx(router_alignment(router.rows, w1).mean().item(), abs=1e-6)
+    assert router.diagnostics(None) == Diagnostics()
 
 
 def test_diagnostics_read_one_at_the_fixed_point():
     router, w1 = make_router(), make_w1()
     with torch.no_grad():
         router.rows.copy_(principal_right_singular(w1)[1])
-    diag = router.diagnostics(w1)
+    diag = router.diagnostics(w1).summary()
     assert diag["mpi/alignment_mean"] == pytest.approx(1.0, abs=1e-5)
     assert diag["mpi/rayleigh_mean"] == pytest.approx(1.0, abs=1e-5)
     assert diag["mpi/row_alignment_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -317,7 +312,7 @@ def test_one_power_step_aligns_better_than_the_rows_it_starts_from():
     # averaged over many random rows: the power step weights direction i by σ_i², pulling towards v₁
     torch.manual_seed(0)
     router, w1 = MPIRouter(MPIConfig(), D, 64, K), torch.randn(64, F_, D)
-    diag = router.diagnostics(w1)
+    diag = router.diagnostics(w1).summary()
     assert diag["mpi/alignment_mean"] > diag["mpi/row_alignment_mean"] + 0.1
 
 
@@ -325,13 +320,12 @@ def test_softmax_topk_diagnostics_measure_its_rows_against_v1():
     router = SoftmaxTopKRouter(SoftmaxTopKConfig(), D, E, K)
     w1 = make_w1()
     diag = router.diagnostics(w1)
-    assert set(diag) == {"softmax_topk/alignment_mean", "softmax_topk/specificity",
-                         *(f"softmax_topk/alignment/e{e}" for e in range(E))}
-    assert diag["softmax_topk/alignment/e1"] == pytest.approx(router_alignment(router.proj.weight, w1)[1].item())
+    assert set(diag.scalars) == {"softmax_topk/specificity"} and set(diag.per_expert) == {"softmax_topk/alignment"}
+    assert_close(diag.per_expert["softmax_topk/alignment"], router_alignment(router.proj.weight, w1))
     with torch.no_grad():
         router.proj.weight.copy_(principal_right_singular(w1)[1])
-    assert router.diagnostics(w1)["softmax_topk/alignment_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert router.diagnostics(None) == {}
+    assert router.diagnostics(w1).summary()["softmax_topk/alignment_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert router.diagnostics(None) == Diagnostics()
 
 
 # ---- inside DeepSpeed's MoE layer -------------------------------------------------------------------------------
@@ -392,9 +386,9 @@ def _ep_router_worker(rank: int, world_size: int, x_TD, c_TE, w1_EFD, rows_ED, e
     dist.all_reduce(rows_grad)  # data-parallel average of a replicated parameter
     assert_close(rows_grad / world_size, expected["rows_grad"])
     assert_close(w1_LFD.grad / world_size, expected["w1_grad"][experts])
-    diag = router.diagnostics(w1_LFD.detach())  # collective: the full per-expert dict on every rank
-    assert diag.keys() == expected["diagnostics"].keys()
-    assert all(diag[k] == pytest.approx(v, abs=1e-5) for k, v in expected["diagnostics"].items())
+    diag = router.diagnostics(w1_LFD.detach())  # collective: every expert's values on every rank
+    assert diag.summary() == pytest.approx(expected["diagnostics"].summary(), abs=1e-5)
+    assert diag.expert_values() == pytest.approx(expected["diagnostics"].expert_values(), abs=1e-5)
 
 
 def _ep_layer_worker(rank: int, world_size: int, x_BSD, c_BSD, rows_ED, expected) -> None:
@@ -495,7 +489,7 @@ def test_balance_scope_sequence_is_the_load_balance_loss_of_the_router():
 
 
 def test_pairwise_cosine_tells_expert_specific_directions_from_a_shared_one():
-    from moe_lm.routers.functional import pairwise_cosine
+    from moe_lm.routers.alignment import pairwise_cosine
 
     orthogonal_ED = torch.eye(E, D)
     assert [v.item() for v in pairwise_cosine(orthogonal_ED)] == pytest.approx([0.0, 0.0], abs=1e-6)
@@ -504,8 +498,8 @@ def test_pairwise_cosine_tells_expert_specific_directions_from_a_shared_one():
     router = make_router()
     diagnostics = router.diagnostics(make_w1())
     phi_mean, phi_max = pairwise_cosine(router.directions(make_w1()))
-    assert diagnostics["mpi/phi_pairwise_cos_mean"] == pytest.approx(phi_mean.item())
-    assert diagnostics["mpi/phi_pairwise_cos_max"] == pytest.approx(phi_max.item())
+    assert diagnostics.scalars["mpi/phi_pairwise_cos_mean"] == pytest.approx(phi_mean.item())
+    assert diagnostics.scalars["mpi/phi_pairwise_cos_max"] == pytest.approx(phi_max.item())
 
 
 def test_the_code_faithful_recipe_names_each_option():
