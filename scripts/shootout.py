@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from runs import train
+from tqdm import tqdm
 
 from moe_lm.metrics.compare import compare_runs
 
@@ -25,28 +26,35 @@ def variant_recipe(variant: str) -> Path:
     return RECIPES / ("quickstart.yaml" if variant == "softmax_topk" else f"quickstart_{variant}.yaml")
 
 
+def all_variants() -> list[str]:
+    """softmax_topk and every `recipes/quickstart_<variant>.yaml`."""
+    return ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
+
+
+def run_variants(variants: list[str], seeds: list[int], out: Path, overrides: list[str]) -> list[Path]:
+    """Train every (variant, seed) not finished yet into OUT/<variant>_s<seed>; return the run folders, variant-major.
+    Seeds go in the outer loop, so an interrupted shootout has every variant at its first seeds."""
+    missing = [v for v in variants if not variant_recipe(v).exists()]
+    if missing:
+        raise SystemExit(f"no recipe for {missing}: expected {[str(variant_recipe(v)) for v in missing]}")
+    todo = [(variant, seed) for seed in seeds for variant in variants]
+    for variant, seed in tqdm(todo, desc="shootout", unit="run"):
+        run_dir = out / f"{variant}_s{seed}"
+        if (run_dir / "summary.json").exists():
+            continue
+        tqdm.write(f"training {run_dir.name}")
+        train(str(variant_recipe(variant)), [f"train.seed={seed}", f"run.name={run_dir.name}", *overrides], run_dir)
+    return [out / f"{variant}_s{seed}" for variant in variants for seed in seeds]
+
+
 def main() -> None:
-    default = ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=default)
+    parser.add_argument("--variants", nargs="+", default=all_variants())
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
-
-    missing = [v for v in args.variants if not variant_recipe(v).exists()]
-    if missing:
-        parser.error(f"no recipe for {missing}: expected {[str(variant_recipe(v)) for v in missing]}")
-    run_dirs = []
-    for variant in args.variants:
-        for seed in args.seeds:
-            run_dir = args.out / f"{variant}_s{seed}"
-            run_dirs.append(run_dir)
-            if (run_dir / "summary.json").exists():
-                continue
-            print(f"training {run_dir.name}", flush=True)
-            train(str(variant_recipe(variant)), [f"train.seed={seed}", f"run.name={run_dir.name}", *args.overrides],
-                  run_dir)
+    run_dirs = run_variants(args.variants, args.seeds, args.out, args.overrides)
     report = compare_runs(run_dirs, args.out / "compare")
     print(report.read_text())
 
