@@ -25,10 +25,14 @@ def variant_recipe(variant: str) -> Path:
     return RECIPES / ("quickstart.yaml" if variant == "softmax_topk" else f"quickstart_{variant}.yaml")
 
 
+def quickstart_variants() -> list[str]:
+    """Every variant with a quickstart recipe: the baseline first, then the others by name."""
+    return ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
+
+
 def main() -> None:
-    default = ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=default)
+    parser.add_argument("--variants", nargs="+", default=quickstart_variants())
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
