@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from shootout import all_variants, run_variants
+from shootout import quickstart_variants, run_variants
 
 from moe_lm.config import load_config
 from moe_lm.metrics.compare import compare_runs, load_run
@@ -260,7 +260,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--variants", nargs="+", default=all_variants())
+    parser.add_argument("--variants", nargs="+", default=quickstart_variants())
     parser.add_argument("--long", action="store_true", help="4x the quickstart's steps (train.max_steps=1200)")
     parser.add_argument("--report-only", action="store_true", help="use only runs already in OUT")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")

@@ -26,8 +26,8 @@ def variant_recipe(variant: str) -> Path:
     return RECIPES / ("quickstart.yaml" if variant == "softmax_topk" else f"quickstart_{variant}.yaml")
 
 
-def all_variants() -> list[str]:
-    """softmax_topk and every `recipes/quickstart_<variant>.yaml`."""
+def quickstart_variants() -> list[str]:
+    """Every variant with a quickstart recipe: the baseline first, then the others by name."""
     return ["softmax_topk"] + sorted(p.stem.removeprefix("quickstart_") for p in RECIPES.glob("quickstart_*.yaml"))
 
 
@@ -49,7 +49,7 @@ def run_variants(variants: list[str], seeds: list[int], out: Path, overrides: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=all_variants())
+    parser.add_argument("--variants", nargs="+", default=quickstart_variants())
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
