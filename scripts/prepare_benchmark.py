@@ -70,6 +70,19 @@ def train_shared_tokenizer(corpus: Path, out: Path, vocab_size: int) -> Path:
     return out
 
 
+def own_peak_rss_kib() -> int:
+    """Peak resident memory of this process since it started, in KiB: Linux's VmHWM of its own address space.
+
+    Not `ru_maxrss`: Linux carries it over exec from the process that forked this one, so a child would report the
+    benchmark parent's peak (which holds a whole corpus's tokens after the end-of-run pass) as its own."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; elsewhere only an upper bound
+
+
 def child(args: argparse.Namespace) -> None:
     """One preparation in this fresh process; prints its figures as JSON."""
     if args.one_thread:
@@ -87,7 +100,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"tokens": tokens, "bytes": meta["bytes"], "shards": meta["shards"], "wall_s": round(wall, 2),
                       "shards_s": meta["seconds"]["shards"], "index_s": meta["seconds"]["index"],
                       "tokens_per_s": round(tokens / meta["seconds"]["shards"]),
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "peak_rss_mib": round(own_peak_rss_kib() / 1024),
                       "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}))
 
 
