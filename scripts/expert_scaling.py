@@ -2,11 +2,16 @@
 
     python scripts/expert_scaling.py --out runs/expert_scaling                        # quickstart, E = 8 .. 64
     python scripts/expert_scaling.py --recipe recipes/quickstart.yaml --experts 8 64 --steps 40 --out runs/es
+    python scripts/expert_scaling.py --experts 8 64 --profile --out runs/es_profile  # where the extra time goes
 
 Each setting trains `--steps` steps through `moe-lm train` (evaluation off) and reads the trainer's own tokens/s
 (the first step excluded). Writes `OUT/expert_scaling.json` and `OUT/expert_scaling.md` with each setting's
 tokens/s relative to the smallest expert count: a flat line means routing, dispatch and the optimizer do not grow
 with the number of experts.
+
+`--profile` instead profiles the model alone (forward, backward, fused AdamW; no DeepSpeed, no data) for 3 steps on
+one thread at each expert count, and writes torch.profiler's op table per setting (`OUT/profile_e<E>.txt`) and the
+self CPU time of the ops that grow most (`OUT/profile.md`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,70 @@ import torch
 from runs import train
 
 
+def profile_ops(recipe: str, num_experts: int, overrides: list[str], steps: int = 3) -> tuple[dict[str, tuple], str]:
+    """({op: (self CPU seconds, calls)}, the profiler's table) over `steps` optimizer steps after 2 warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_lm.config import load_config
+    from moe_lm.model.transformer import MoETransformer
+
+    cfg = load_config(recipe, [f"model.moe.num_experts={num_experts}", *overrides])
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len))
+
+    def step() -> None:
+        _, lm_loss, aux_loss = model(ids, ids.roll(-1, 1))
+        (lm_loss + aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    averages = prof.key_averages()
+    ops = {e.key: (e.self_cpu_time_total / 1e6, e.count) for e in averages}
+    return ops, averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
+
+
+def write_profile(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)  # equal terms: larger GEMMs would also gain more from more threads
+    profiles = {}
+    for num_experts in args.experts:
+        ops, table = profile_ops(args.recipe, num_experts, args.overrides)
+        (args.out / f"profile_e{num_experts}.txt").write_text(table)
+        profiles[num_experts] = ops
+    first, last = args.experts[0], args.experts[-1]
+    totals = {e: sum(seconds for seconds, _ in ops.values()) for e, ops in profiles.items()}
+    growth = sorted(set(profiles[first]) | set(profiles[last]),
+                    key=lambda op: profiles[first].get(op, (0, 0))[0] - profiles[last].get(op, (0, 0))[0])
+    lines = [f"# Self CPU time of 3 steps by op: {args.recipe}, 1 thread", "",
+             f"Total: {totals[first]:.2f} s at E={first}, {totals[last]:.2f} s at E={last} "
+             f"({totals[first] / totals[last]:.2f}x).", "",
+             f"| op | E={first} s (calls) | E={last} s (calls) | growth s |", "|---|---|---|---|"]
+    for op in growth[:10]:
+        (a, ca), (b, cb) = profiles[first].get(op, (0.0, 0)), profiles[last].get(op, (0.0, 0))
+        lines.append(f"| `{op}` | {a:.3f} ({ca}) | {b:.3f} ({cb}) | {b - a:+.3f} |")
+    (args.out / "profile.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/quickstart.yaml")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", action="store_true", help="profile the model's ops instead of training")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        write_profile(args)
+        return
 
     results = {}
     for num_experts in args.experts:
