@@ -14,6 +14,7 @@ import pytest
 from moe_lm import checkpoint as ckpt
 from moe_lm.config import load_config
 from moe_lm.train.run_dir import LOCK_FILE
+from tests.checkpoint.test_checkpoint import losses
 from tests.distributed_utils import run_distributed
 from tests.train.test_trainer import tiny_overrides
 
@@ -96,15 +97,6 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupts")
     run_distributed(_interrupt_worker, 1, root, timeout_s=300)
     return root, json.loads((root / "report.json").read_text())
-
-
-def losses(run_dir):
-    """{step: (train loss, val loss or None)} from metrics.jsonl, the last row of each step winning."""
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = (row["train/loss"], row.get("val/loss"))
-    return rows
 
 
 def test_a_first_sigint_checkpoints_the_step_boundary_and_the_resume_matches_the_uninterrupted_run(runs):
