@@ -222,16 +222,16 @@ def gpu_plan() -> list[str]:
         counts = count_parameters(cfg.model)
         tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.model.seq_len * 32
         tokens = 20 * counts.active  # compute-optimal budget for the active parameters, 20 tokens/parameter
-        flops = 3 * counts.flops_per_token * tokens
+        flops = counts.flops_per_token * tokens
         hours = [flops / (H200_BF16_FLOPS * mfu) / 3600 for mfu in (measured_mfu, target_mfu)]
         lines.append(f"| {preset} ×3 routers ×3 seeds | {counts.total / 1e9:.2f}B / {counts.active / 1e9:.2f}B | "
                      f"{tokens / 1e9:.1f}B ({tokens / tokens_per_step:,.0f} steps of {tokens_per_step:,} on 32 GPUs) "
                      f"| {flops:.2e} per run | {9 * hours[0]:,.0f} | {9 * hours[1]:,.0f} | {note} |")
     lines += ["", "Tokens: 20 per active parameter (a compute-optimal budget; `train.max_steps` of "
-                  "recipes/train/gpu_pretrain.yaml plans 300B, far more). FLOPs: 3 × forward FLOPs per token "
-                  "(`count_parameters(...).flops_per_token`, attention included) × tokens. Hours: 9 runs (3 routers "
-                  "× 3 seeds) on H200s at 989 dense bf16 TFLOP/s. The 11.7% MFU is the only GPU figure measured "
-                  "(docs/performance.md); 30% is issue 10's target."]
+                  "recipes/train/gpu_pretrain.yaml plans 300B, far more). FLOPs: training FLOPs per token "
+                  "(`count_parameters(...).flops_per_token`: 6·N_active plus attention, forward and backward) × "
+                  "tokens. Hours: 9 runs (3 routers × 3 seeds) on H200s at 989 dense bf16 TFLOP/s. The 11.7% MFU is "
+                  "the only GPU figure measured (docs/performance.md); 30% is issue 10's target."]
     return lines
 
 
