@@ -208,5 +208,5 @@ def test_threshold_dispatch_gets_buffers_sized_for_top_k_not_for_k_max():
     layer.gate.record_always = True
     with torch.no_grad():
         layer(torch.randn(T, D))
-    assert layer.gate.record["counts_E"].tolist() == [T] * E
-    assert layer.gate.record["kept_counts_E"].tolist() == [expert_capacity(T, K, E, 1.0, 1)] * E  # 16, not 32
+    assert layer.gate.record.counts_E.tolist() == [T] * E
+    assert layer.gate.record.kept_counts_E.tolist() == [expert_capacity(T, K, E, 1.0, 1)] * E  # 16, not 32
