@@ -51,7 +51,7 @@ echo "prepare-data: exit $? in $((SECONDS - t0)) s" | tee "$OUT/prepare.txt"
 # the peer benchmark: moe-lm against HF Mixtral at one shape, and every router against softmax_topk
 t0=$SECONDS; limit=$(cap 300)
 if [ "$limit" -ge 60 ]; then
-  timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --data-dir "$W/data" --out "$OUT/peer" -- \
+  timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --profile --data-dir "$W/data" --out "$OUT/peer" -- \
     "${DATA[@]}" > "$OUT/logs/peer_benchmark.log" 2>&1
   echo "peer benchmark: exit $? in $((SECONDS - t0)) s (limit $limit s)"
 else

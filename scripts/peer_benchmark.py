@@ -4,6 +4,7 @@
     python scripts/peer_benchmark.py --out runs/peer_gpu --layers 8 --d 1024 --heads 16 --ffn 2816 \
         --vocab 50304 --seq 2048 --batch 8                                # the GPU peer shape
     python scripts/peer_benchmark.py --out runs/peer --routers softmax_topk -- train.compile=true
+    python scripts/peer_benchmark.py --out runs/peer_profile --routers --profile  # + op tables of both sides
 
 Writes `OUT/peer.json` and `OUT/peer.md` (printed too), and each side's log under `OUT/logs/`:
 - moe-lm: `recipes/quickstart.yaml` with the shape as overrides, MoE on every layer, untied embeddings, one
@@ -107,8 +108,11 @@ def _fused_adamw_works(device: torch.device) -> bool:
         return False
 
 
-def _time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[list[float], float]:
-    """Run `step()` warmup + steps times; return the timed steps' seconds and the peak memory over them."""
+def _time_steps(step, device: torch.device, warmup: int, steps: int,
+                profile_to: str | None = None) -> tuple[list[float], float]:
+    """Run `step()` warmup + steps times; return the timed steps' seconds and the peak memory over them. With
+    `profile_to`, 3 more steps then run under torch.profiler, and its op table (self time, by input shape) is
+    written there: where each side's time goes, outside the timed steps."""
     times = []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -119,7 +123,19 @@ def _time_steps(step, device: torch.device, warmup: int, steps: int) -> tuple[li
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times, _peak_mem_gib(device)
+    peak = _peak_mem_gib(device)
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(3):
+                step()
+            _sync(device)
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(profile_to).write_text(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=80))
+    return times, peak
 
 
 def run_moe_lm(spec: dict) -> dict:
@@ -136,7 +152,7 @@ def run_moe_lm(spec: dict) -> dict:
         metrics = trainer._train_step()
         losses.append(metrics.get("train/loss") if isinstance(metrics, dict) else None)
 
-    times, peak = _time_steps(step, device, spec["warmup"], spec["steps"])
+    times, peak = _time_steps(step, device, spec["warmup"], spec["steps"], spec.get("profile_to"))
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     # the optimizer is only named in the report: looked up, not relied on
     optimizer = getattr(trainer, "client_optimizer", None) or getattr(trainer, "optimizer", None)
@@ -178,7 +194,7 @@ def run_hf(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
 
-    times, peak = _time_steps(step, device, spec["warmup"], spec["steps"])
+    times, peak = _time_steps(step, device, spec["warmup"], spec["steps"], spec.get("profile_to"))
     return {"tokens_per_step": shape["batch"] * shape["seq"], "step_times_s": times, "peak_mem_gib": peak,
             "params": sum(p.numel() for p in params),
             "precision": "bf16 autocast, fp32 weights" if bf16 else "fp32", "optimizer": _optimizer_kind(optimizer),
@@ -207,7 +223,10 @@ def launch(name: str, spec: dict, out: Path, timeout_s: float) -> dict:
     spec_path, result_path, log = out / "logs" / f"{name}.spec.json", out / "logs" / f"{name}.json", \
         out / "logs" / f"{name}.log"
     result_path.unlink(missing_ok=True)
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}, indent=2))
+    spec = {**spec, "result": str(result_path)}
+    if spec.pop("profile", False):
+        spec["profile_to"] = str(out / "logs" / f"{name}.profile.txt")
+    spec_path.write_text(json.dumps(spec, indent=2))
     print(f"[{name}] running, log {log}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as log_file:
@@ -336,6 +355,8 @@ def main() -> None:
     parser.add_argument("--routers", nargs="*", default=sorted(REGISTRY),
                         help="moe-lm routers compared with softmax_topk (none: skip)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before it is stopped")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 3 steps of each run: OUT/logs/<run>.profile.txt (op table by input shape)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="key=value overrides for the moe-lm side")
     args = parser.parse_args()
@@ -351,7 +372,7 @@ def main() -> None:
         overrides = moe_lm_overrides(shape, args.data_dir, args.lr, total_steps, args.out / "runs" / router)
         overrides += [f"model.moe.router.name={router}", *args.overrides]
         return {"side": "moe-lm", "recipe": router_recipe(router), "overrides": overrides,
-                "warmup": args.warmup, "steps": args.steps}
+                "warmup": args.warmup, "steps": args.steps, "profile": args.profile}
 
     base = moe_lm_spec(BASELINE_ROUTER)
     cfg = load_config(base["recipe"], base["overrides"])  # fails here, before any run, on a bad override
@@ -365,7 +386,7 @@ def main() -> None:
     finish(report, args.out)
     for impl in args.hf_experts:
         spec = {"side": "hf", "shape": shape, "experts": impl, "lr": args.lr, "grad_clip": cfg.train.grad_clip,
-                "warmup": args.warmup, "steps": args.steps}
+                "warmup": args.warmup, "steps": args.steps, "profile": args.profile}
         report["hf"][impl] = launch(f"hf_{impl}", spec, args.out, args.timeout)
         finish(report, args.out)
     for router in sorted(args.routers, key=lambda name: name != BASELINE_ROUTER):  # the baseline first
