@@ -99,3 +99,12 @@ def test_grmoe_aligns_its_frames_with_the_planted_subspaces_and_hash_routes_at_c
     # an untrained GrMoE frame (8 dimensions of R^64) lies 65–70° from a planted plane
     assert grmoe["angle_deg"] < 40 and grmoe["accuracy"] > 0.6
     assert hash_["accuracy"] < 0.2  # chance is 1/8; the best matching of a random confusion adds a little
+
+
+def test_a_hard_load_balance_term_lowers_grmoes_load_cv_on_a_skewed_mixture(one_thread):
+    """GrMoE's own balance term, KL(ḡ || U), sees only the mean of the soft responsibilities; the loss-free
+    selection bias sees the hard top-k loads, so on a Zipf mixture it must balance them better."""
+    skewed_C = sr.zipf(SHORT.experts, 1.0)
+    plain = sr.train_run(sr.make_router("grmoe", SHORT, 1), SHORT, 1, skewed_C)
+    loss_free = sr.train_run(sr.make_router("grmoe_loss_free", SHORT, 1), SHORT, 1, skewed_C)
+    assert loss_free["load_cv"] < 0.5 * plain["load_cv"]
