@@ -35,9 +35,9 @@ T = 64
 
 STRUCTURAL_OPTIONS: dict[str, list[list[str]]] = {
     "softmax_topk": [["bias_update_rate=0.01"], ["jitter_eps=0.01"]],
-    "grmoe": [["variational=logit"], ["variational=concentration"], ["dispatch=sample"], ["load_balance_coef=0.01"],
-              ["selection_bias=loss_free"], ["selection_bias=learned"], ["kappa_calibration=true"],
-              ["kappa_lr_scale=10", "alpha_jitter=0.5"]],
+    "grmoe": [["variational=logit"], ["variational=concentration"], ["dispatch=sample", "selection_bias=none"],
+              ["load_balance_coef=0.01"], ["selection_bias=none"], ["selection_bias=learned"],
+              ["kappa_calibration=true"], ["kappa_lr_scale=10", "alpha_jitter=0.5"]],
     "mpi": [["power=false"], ["detach_w1=true"], ["power_steps=2"], ["z_loss_coef=0.001"], ["balance_scope=sequence"]],
 }
 """Non-default router options that add parameters, buffers or forward paths; every registered router also runs
