@@ -120,21 +120,22 @@ def monotone_and_not_flat(curve: list[tuple[float, float, float]]) -> tuple[bool
     return monotone, moves
 
 
-def synthetic_part(out: Path, seeds: list[int], results: Path) -> str:
+def synthetic_part(out: Path, seeds: list[int], results: Path) -> tuple[str, list[dict]]:
     synthetic = out / "synthetic"
     if not (synthetic / "results.md").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "synthetic_routing.py"), "--seeds",
                         *map(str, seeds), "--out", str(synthetic)], check=True)
     for png in synthetic.glob("*.png"):
         shutil.copy(png, results / f"synthetic_{png.name}")
-    return (synthetic / "results.md").read_text()
+    return (synthetic / "results.md").read_text(), json.loads((synthetic / "results.json").read_text())["runs"]
 
 
 def verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**supported**" if ok else "**not supported**")
 
 
-def claims(groups: dict[str, list[Path]], sweep_rows: list[dict], command: str) -> list[str]:
+def claims(groups: dict[str, list[Path]], sweep_rows: list[dict], command: str,
+           synthetic_runs: list[dict] = ()) -> list[str]:
     base_ppl, base_cv = metric(groups[BASELINE], "val_ppl"), metric(groups[BASELINE], "moe/load_cv_mean")
     rows = ["| claim | measured here (mean ± std over seeds) | verdict at this scale |", "|---|---|---|"]
 
@@ -158,7 +159,7 @@ def claims(groups: dict[str, list[Path]], sweep_rows: list[dict], command: str) 
                     f"{metric(groups[best], 'moe/load_cv_mean').fmt()} vs {BASELINE} {base_cv.fmt()} "
                     f"({gain:+.0%} better), val ppl {metric(groups[best], 'val_ppl').fmt('{:.2f}')} vs "
                     f"{base_ppl.fmt('{:.2f}')} ({ppl_gap:+.1%}); every variant: "
-                    + "; ".join(f"{v} {g:+.0%} CV, {p:+.1%} ppl" for v, (g, p) in scored.items())
+                    + "; ".join(f"{v}: CV {-g:+.0%}, ppl {p:+.1%}" for v, (g, p) in scored.items())
                     + f" | {verdict(ok)} |")
     for variant in grmoe:
         spread = metric(groups[variant], "moe/stat/kappa_std")
@@ -182,6 +183,12 @@ def claims(groups: dict[str, list[Path]], sweep_rows: list[dict], command: str) 
                     + ", ".join(f"α={a:g}: {k:.2f}" for a, k, _ in temperature)
                     + f" | {verdict(not (monotone and moves))} (the baseline's curve is monotone: {monotone}, "
                       f"moves: {moves}) |")
+    for variant in (v for v in GRMOE_VARIANTS if v in groups):
+        angle = Stat([r["balanced"]["angle_deg"] for r in synthetic_runs if r["router"] == variant])
+        if angle.values:
+            rows.append(f"| GrMoE: recovers the planted subspaces of a synthetic routing task (`{variant}`) | mean "
+                        f"principal angle {angle.fmt('{:.1f}')}° (scripts/synthetic_routing.py) | "
+                        f"{verdict(angle.mean < 10)} (under 10°) |")
     rows.append("| GrMoE: amortized VI gives uncertainty-aware routing that resists collapse | VI variants are "
                 "implemented (`variational: logit / concentration`) but not in this shootout | not measured |")
 
@@ -193,16 +200,19 @@ def claims(groups: dict[str, list[Path]], sweep_rows: list[dict], command: str) 
         chance = math.sqrt(2 / (math.pi * d_model))
         ok = bool(alignment.values) and alignment.mean > 3 * chance and specificity.mean > 0.1
         rows.append(f"| MPI: router rows align with their own expert's top singular direction (`{variant}`) | "
-                    f"|cos(φ_e, v₁e)| {alignment.fmt()} (chance {chance:.3f}), specificity {specificity.fmt()}, "
-                    f"pairwise |cos(φ_e, φ_e')| {pairwise.fmt()} | {verdict(ok)} |")
+                    f"\\|cos(φ_e, v₁e)\\| {alignment.fmt()} (chance {chance:.3f}), specificity {specificity.fmt()}, "
+                    f"pairwise \\|cos(φ_e, φ_e')\\| {pairwise.fmt()} | {verdict(ok)} (alignment over 3x chance and "
+                    f"specificity over 0.1) |")
         ppl = metric(groups[variant], "val_ppl")
         gap = ppl.mean / base_ppl.mean - 1
         ok = ppl.mean + ppl.std < base_ppl.mean - base_ppl.std
         rows.append(f"| MPI: more effective models than the baseline router (`{variant}`) | "
                     f"val ppl {ppl.fmt('{:.2f}')} vs {BASELINE} {base_ppl.fmt('{:.2f}')} ({gap:+.1%}) | "
-                    f"{verdict(ok)} (better by more than the seed spread) |")
+                    f"{verdict(ok)} (needs a ppl below the baseline's by more than both seed spreads) |")
     rows += ["", f"Command: `{command}`. Load CV, dead experts and entropy are the trainer's final logged values "
-                 "(docs/metrics.md); a verdict holds only at this scale (quickstart: 4 layers of width 128, 8 experts, "
+                 "(load CV: over the last logging interval, averaged over layers; the claim's 'better load balance' is "
+                 "the relative drop of its mean over seeds against the baseline's; docs/metrics.md). A verdict holds "
+                 "only at this scale (quickstart: 4 layers of width 128, 8 experts, "
                  "top-2, 300 steps on the standard library), not for the papers' 350M–11B models."]
     return rows
 
@@ -235,15 +245,19 @@ def gpu_plan() -> list[str]:
     return lines
 
 
-def report(out: Path, groups: dict[str, list[Path]], sweep_rows: list[dict], synthetic_md: str, results: Path,
-           command: str) -> str:
+def report(out: Path, groups: dict[str, list[Path]], sweep_rows: list[dict], synthetic: tuple[str, list[dict]],
+           results: Path, command: str) -> str:
+    synthetic_md, synthetic_runs = synthetic
     shutil.copy(out / "shootout" / "compare" / "val_loss.png", results / "shootout_val_loss.png")
     shutil.copy(out / "shootout" / "compare" / "load_cv.png", results / "shootout_load_cv.png")
     lines = [f"# Router results: the papers' claims at quickstart scale ({date.today().isoformat()})", "",
              "Generated by `scripts/experiments.py` (do not edit by hand). Each verdict says whether a claim holds "
              "*at this scale*; none of it says what happens at 350M+ (see the GPU plan at the end).", "",
-             "## Claims", "", *claims(groups, sweep_rows, command), "",
+             "## Claims", "", *claims(groups, sweep_rows, command, synthetic_runs), "",
              "## Shootout", "", *shootout_table(groups), "",
+             "tokens/s is what each run logged while sharing the machine with the other runs (one thread each): it "
+             "ranks nothing; `scripts/benchmark.py` and `scripts/peer_benchmark.py` measure speed "
+             "(docs/performance.md).", "",
              "![validation loss](results/shootout_val_loss.png)", "", "![load CV](results/shootout_load_cv.png)", "",
              "## Post-hoc sparsity sweep", "",
              f"Seed-1 runs, dropless evaluation on 256 validation sequences, α ∈ {list(SWEEP_ALPHAS)}, "
@@ -252,7 +266,10 @@ def report(out: Path, groups: dict[str, list[Path]], sweep_rows: list[dict], syn
     lines += [f"| {Path(r['arm']).name} | {r['alpha']:g} | {r['tau']:g} | {r['active_experts']:.2f} | "
               f"{r['val_ppl']:.2f} |" for r in sweep_rows if r["tau"] in (0.0, max(SWEEP_TAUS))]
     lines += [""] + [f"![sweep {arm}](results/sweep_{arm}.png)" for arm in SWEEP_ARMS if arm in groups]
-    lines += ["", "## Synthetic routing benchmark", "", synthetic_md.strip(), "", "## GPU plan", "", *gpu_plan(), ""]
+    lines += ["", "## Synthetic routing benchmark", "", synthetic_md.strip(), "",
+              "What the task measures and why GrMoE stops short of 10° (a frame of p = 8 dimensions can hold several "
+              "planted planes, so one plane is left without an expert of its own): "
+              "[docs/synthetic-routing.md](synthetic-routing.md).", "", "## GPU plan", "", *gpu_plan(), ""]
     return "\n".join(lines)
 
 
@@ -268,7 +285,8 @@ def main() -> None:
     if BASELINE not in args.variants:
         parser.error(f"the variants must include the baseline {BASELINE}")
     overrides = ["train.max_steps=1200"] if args.long else []
-    command = "python scripts/experiments.py " + " ".join(sys.argv[1:])
+    command = "python scripts/experiments.py --out runs/experiments" + (" --long" if args.long else "") + \
+        (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [1, 2, 3] else "")  # what reruns it all
 
     results_dir = args.results.parent / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -283,8 +301,8 @@ def main() -> None:
         groups.setdefault(run_dir.name.rsplit("_s", 1)[0], []).append(run_dir)
     compare_runs(run_dirs, shootout / "compare")
     sweep_rows = sweep_part(args.out, groups, results_dir)
-    synthetic_md = synthetic_part(args.out, args.seeds, results_dir)
-    args.results.write_text(report(args.out, groups, sweep_rows, synthetic_md, results_dir, command),
+    synthetic = synthetic_part(args.out, args.seeds, results_dir)
+    args.results.write_text(report(args.out, groups, sweep_rows, synthetic, results_dir, command),
                             encoding="utf-8")
     print(f"wrote {args.results} and {results_dir}/")
 

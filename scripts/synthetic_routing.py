@@ -185,8 +185,9 @@ def assignments(out: RouterOutput, num_tokens: int) -> tuple[Tensor, Tensor, Ten
 def moe_forward(router: Router, experts: Experts, x_TD: Tensor,
                 token_ids_T: Tensor) -> tuple[Tensor, RouterOutput, tuple[Tensor, Tensor, Tensor]]:
     """(y_TD, router output, its assignments): y_t = Σ w · expert(x_t) over the assignments of token t, moe-lm's
-    combine (dropless: no capacity limit)."""
-    out = router(x_TD, expert_w1_EFD=experts.w1_EFD, token_ids_T=token_ids_T)
+    combine (dropless: no capacity limit). Tokens are drawn independently, so the batch is one sequence (for
+    routers that balance per sequence)."""
+    out = router(x_TD, expert_w1_EFD=experts.w1_EFD, token_ids_T=token_ids_T, sequence_length=x_TD.shape[0])
     token_N, expert_N, weight_N = assignments(out, x_TD.shape[0])
     y_ND = experts(x_TD[token_N], expert_N) * weight_N.unsqueeze(-1)
     return torch.zeros_like(x_TD).index_add(0, token_N, y_ND), out, (token_N, expert_N, weight_N)
