@@ -10,14 +10,16 @@ metrics and rotate each other's checkpoints, so rank 0 holds RUN_DIR/run.lock fo
 - It is stale when its process is gone (same host), or when its heartbeat is older than `STALE_BEATS` periods
   (a holder on another host, or a frozen one). A stale lock is taken over with a warning; a live one refuses the
   run with a `RunDirError` naming its holder.
+- A heartbeat's age is measured on one clock, the file system's: the lock file's modification time against that of
+  a probe file the reader writes beside it (`filesystem_time`), not the holder's wall clock against the reader's.
+  On a local disk and on NFS (where the server stamps writes) a clock skew between hosts does not move the stale
+  timeout.
 - It is created atomically, as a hard link to a complete file (NFS and Lustre honour link), so a reader never
   sees half a lock; it is removed when the run ends, on errors too.
 
 Other ranks never touch the lock: `claim_run_dir` broadcasts rank 0's verdict, so every rank fails the same way.
 `check_checkpoint_source` tells `moe-lm export` / `eval` what a folder that is not a run lacks, and
 `newest_complete_checkpoint` names the checkpoint an aborted run leaves.
-TODO: the heartbeat compares wall clocks across hosts, so a clock skew of more than a few seconds between them
-shortens or lengthens the stale timeout by as much.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class LockInfo:
     host: str
     pid: int
     started: float  # time.time() when the lock was taken
-    heartbeat: float  # time.time() of the last heartbeat
+    heartbeat: float  # the last heartbeat: as read (`read_lock`), the lock file's modification time
     heartbeat_s: float
     token: str  # one per `RunLock`, so a holder recognises its own lock
 
@@ -89,8 +91,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_lock(path: str | Path) -> LockInfo | None:
-    """The lock at `path`, or None if there is none. A file that is not a lock counts as one from an unknown
-    holder whose heartbeat is the file's modification time (stale after `STALE_BEATS` x `HEARTBEAT_S`)."""
+    """The lock at `path`, or None if there is none. Its heartbeat is the file's modification time, stamped by the
+    file system when the holder last rewrote it. A file that is not a lock counts as one from an unknown holder
+    (stale after `STALE_BEATS` x `HEARTBEAT_S`)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -98,10 +101,20 @@ def read_lock(path: str | Path) -> LockInfo | None:
     except FileNotFoundError:
         return None
     try:
-        return LockInfo(**json.loads(text))
+        return replace(LockInfo(**json.loads(text)), heartbeat=mtime)
     except (ValueError, TypeError):
         return LockInfo(host="unknown (unreadable lock file)", pid=-1, started=mtime, heartbeat=mtime,
                         heartbeat_s=HEARTBEAT_S, token="")
+
+
+def filesystem_time(folder: Path) -> float:
+    """Now, on the clock that stamps files in `folder`: the modification time of a probe file written there."""
+    probe = folder / f".{LOCK_FILE}.clock-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 class RunLock:
@@ -132,13 +145,14 @@ class RunLock:
                 holder = read_lock(self.path)
                 if holder is None:
                     continue
-                reason = holder.stale_reason(time.time())
+                now = filesystem_time(self.run_dir)
+                reason = holder.stale_reason(now)
                 if reason is None and holder.is_this_process():
                     reason = "it is held by an earlier run in this process that did not finish"
                 if reason is None:
                     raise RunDirError(
                         f"run.dir: {self.run_dir} is in use by another run ({holder.holder()}; last heartbeat "
-                        f"{max(0.0, time.time() - holder.heartbeat):.0f} s ago). Wait for it to end or stop it, or "
+                        f"{max(0.0, now - holder.heartbeat):.0f} s ago). Wait for it to end or stop it, or "
                         f"use another run.dir. If that run is dead on another host, its lock goes stale "
                         f"{STALE_BEATS * holder.heartbeat_s:g} s after its last heartbeat")
                 if self._remove_stale(holder) and not holder.is_this_process():
@@ -223,7 +237,7 @@ class RunLock:
         if read_lock(aside) != stale:  # a competitor's fresh lock replaced it in between: put it back
             try:
                 os.link(aside, self.path)
-            except FileExistsError:
+            except FileExistsError:  # a third lock took the place: that competitor's heartbeat reports the loss
                 pass
             aside.unlink(missing_ok=True)
             return False

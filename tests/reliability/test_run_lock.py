@@ -24,12 +24,16 @@ time.sleep(60)
 """
 
 
-def write_lock(run_dir, host, pid, heartbeat_age_s=0.0, started_age_s=3600.0):
+def write_lock(run_dir, host, pid, heartbeat_age_s=0.0, started_age_s=3600.0, holder_clock_skew_s=0.0):
+    """A lock last rewritten `heartbeat_age_s` ago (its modification time), by a holder whose clock is off by
+    `holder_clock_skew_s` (the times written inside it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
+    holder_now = now + holder_clock_skew_s
     (run_dir / LOCK_FILE).write_text(json.dumps({
-        "host": host, "pid": pid, "started": now - started_age_s, "heartbeat": now - heartbeat_age_s,
-        "heartbeat_s": 10.0, "token": "someone-else"}))
+        "host": host, "pid": pid, "started": holder_now - started_age_s,
+        "heartbeat": holder_now - heartbeat_age_s, "heartbeat_s": 10.0, "token": "someone-else"}))
+    os.utime(run_dir / LOCK_FILE, (now - heartbeat_age_s, now - heartbeat_age_s))
 
 
 @pytest.fixture
@@ -84,6 +88,13 @@ def test_a_lock_with_an_old_heartbeat_from_another_host_is_taken_over_with_a_war
 def test_a_recent_heartbeat_from_another_host_refuses_the_run(tmp_path):
     write_lock(tmp_path, "node-17", 4242, heartbeat_age_s=20)  # below 5 x 10 s: that run may be alive
     with pytest.raises(RunDirError, match=r"host node-17, pid 4242.*goes stale 50 s after its last heartbeat"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_fresh_heartbeat_from_a_host_whose_clock_is_ten_minutes_behind_still_refuses_the_run(tmp_path):
+    """The age is read from the file system's clock (the lock's modification time), not from the holder's."""
+    write_lock(tmp_path, "node-17", 4242, heartbeat_age_s=1, holder_clock_skew_s=-600)
+    with pytest.raises(RunDirError, match=r"host node-17, pid 4242.*last heartbeat 1 s ago"):
         RunLock(tmp_path).acquire()
 
 
