@@ -1,6 +1,8 @@
-"""Test-wide environment: CPU, offline, deterministic, no JIT builds; and the `one_thread` fixture."""
+"""Test-wide environment: CPU, offline, deterministic, no JIT builds; and the `one_thread` and `sleeper`
+fixtures."""
 
 import os
+import subprocess
 
 import pytest
 
@@ -22,3 +24,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not this one (a lock holder, a pid that exists)."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process
+    process.kill()
+    process.wait()

@@ -72,14 +72,6 @@ def test_ctrl_c_checkpoints_and_exits_130_and_a_refused_resume_leaves_the_run_fo
     assert sorted(p.name for p in run_dir.iterdir()) == before  # no wandb/, no lock left
 
 
-@pytest.fixture
-def sleeper():
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
-
-
 def test_train_on_a_live_runs_folder_is_refused_naming_the_holder_before_anything_is_written(tmp_path, sleeper):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

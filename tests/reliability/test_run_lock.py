@@ -36,15 +36,6 @@ def write_lock(run_dir, host, pid, heartbeat_age_s=0.0, started_age_s=3600.0, ho
     os.utime(run_dir / LOCK_FILE, (now - heartbeat_age_s, now - heartbeat_age_s))
 
 
-@pytest.fixture
-def sleeper():
-    """A live process that is not this one."""
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
-
-
 def test_a_second_run_is_refused_while_another_process_holds_the_lock_and_takes_it_once_that_one_dies(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)

@@ -23,7 +23,7 @@ from moe_lm.routers import REGISTRY
 from moe_lm.routers.functional import assignment_counts
 from moe_lm.routers.hash import HASH_PRIME, HashConfig, HashRouter, hash_experts, polynomial_hash
 from tests.distributed_utils import run_distributed
-from tests.train.test_trainer import tiny_overrides
+from tests.train.test_trainer import expert_parallel_overrides
 
 D, E, K, T, V = 16, 8, 2, 64, 4096
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -168,13 +168,6 @@ def test_recipes_load_as_hash_on_the_quickstart_model():
 STEPS = 6
 
 
-def run_overrides(tmp_path: Path, run: str, world: int) -> list[str]:
-    return tiny_overrides(tmp_path, "model.moe.drop_tokens=false", f"train.micro_batch_size={4 // world}",
-                          f"parallel.ep_size={world}", f"train.max_steps={STEPS}", "train.log_interval=1",
-                          "train.eval_interval=3", "metrics.per_layer=true", "parallel.init_timeout_s=60",
-                          f"run.dir={tmp_path / run}")
-
-
 def _train_worker(rank: int, world: int, overrides: list[str]) -> None:
     from moe_lm.train import Trainer
     from moe_lm.train.distributed import DistEnv
@@ -190,8 +183,8 @@ def metrics_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def test_quickstart_recipe_trains_and_two_processes_ep2_report_the_losses_of_one(tmp_path):
-    run_distributed(_train_worker, 1, run_overrides(tmp_path, "single", 1), timeout_s=300)
-    run_distributed(_train_worker, 2, run_overrides(tmp_path, "ep2", 2), timeout_s=300)
+    run_distributed(_train_worker, 1, expert_parallel_overrides(tmp_path, "single", 1, STEPS), timeout_s=300)
+    run_distributed(_train_worker, 2, expert_parallel_overrides(tmp_path, "ep2", 2, STEPS), timeout_s=300)
     single, ep2 = metrics_rows(tmp_path / "single"), metrics_rows(tmp_path / "ep2")
     assert single[STEPS]["train/loss"] < single[1]["train/loss"]
     for step in range(1, STEPS + 1):

@@ -24,7 +24,7 @@ from moe_lm.routers import REGISTRY
 from moe_lm.routers.functional import assignment_counts
 from moe_lm.routers.sinkhorn import SinkhornConfig, SinkhornRouter, sinkhorn_plan
 from tests.distributed_utils import run_distributed
-from tests.train.test_trainer import tiny_overrides
+from tests.train.test_trainer import expert_parallel_overrides
 
 D, E, T = 16, 4, 256
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -201,13 +201,6 @@ def test_recipes_load_as_sinkhorn_on_the_quickstart_model():
 STEPS = 6
 
 
-def run_overrides(tmp_path: Path, run: str, world: int) -> list[str]:
-    return tiny_overrides(tmp_path, "model.moe.drop_tokens=false", f"train.micro_batch_size={4 // world}",
-                          f"parallel.ep_size={world}", f"train.max_steps={STEPS}", "train.log_interval=1",
-                          "train.eval_interval=3", "metrics.per_layer=true", "parallel.init_timeout_s=60",
-                          f"run.dir={tmp_path / run}")
-
-
 def _train_worker(rank: int, world: int, overrides: list[str], logits_TE, expected_plan_TE) -> None:
     from moe_lm.train import Trainer
     from moe_lm.train.distributed import DistEnv
@@ -232,8 +225,10 @@ def test_quickstart_recipe_trains_and_two_processes_ep2_report_the_losses_of_one
     router, x_TD = skewed(make_router())
     logits_TE = router.proj(x_TD).detach()
     plan_TE, _ = sinkhorn_plan(logits_TE, 16, global_columns=True)  # no process group here: one process
-    run_distributed(_train_worker, 1, run_overrides(tmp_path, "single", 1), logits_TE, plan_TE, timeout_s=300)
-    run_distributed(_train_worker, 2, run_overrides(tmp_path, "ep2", 2), logits_TE, plan_TE, timeout_s=300)
+    run_distributed(_train_worker, 1, expert_parallel_overrides(tmp_path, "single", 1, STEPS), logits_TE,
+                    plan_TE, timeout_s=300)
+    run_distributed(_train_worker, 2, expert_parallel_overrides(tmp_path, "ep2", 2, STEPS), logits_TE,
+                    plan_TE, timeout_s=300)
     single, ep2 = metrics_rows(tmp_path / "single"), metrics_rows(tmp_path / "ep2")
     assert single[STEPS]["train/loss"] < single[1]["train/loss"]
     assert single[1]["moe/stat/balance_error"] < 0.05  # the stat reaches the metrics (mean over layers)

@@ -21,6 +21,15 @@ def tiny_overrides(tmp_path, *extra):
             "train.log_interval=2", "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}", *extra]
 
 
+def expert_parallel_overrides(tmp_path, run, world, steps):
+    """`tiny_overrides` for a dropless run of `steps` steps on `world` processes with ep_size = world and the same
+    global batch (4 sequences), logged every step into tmp_path/run: the 1-process run is the reference."""
+    return tiny_overrides(tmp_path, "model.moe.drop_tokens=false", f"train.micro_batch_size={4 // world}",
+                          f"parallel.ep_size={world}", f"train.max_steps={steps}", "train.log_interval=1",
+                          "train.eval_interval=3", "metrics.per_layer=true", "parallel.init_timeout_s=60",
+                          f"run.dir={tmp_path / run}")
+
+
 def _train(rank, world_size, overrides):
     from moe_lm.train import Trainer
 
