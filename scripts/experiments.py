@@ -17,6 +17,7 @@ Finished runs are reused (a run with a summary.json is not retrained), so an int
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -30,7 +31,7 @@ from pathlib import Path
 from shootout import quickstart_variants, run_variants
 
 from moe_lm.config import load_config
-from moe_lm.metrics.compare import compare_runs, load_run
+from moe_lm.metrics.compare import Run, compare_runs, load_run
 from moe_lm.model.transformer import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,9 +73,15 @@ class Stat:
         return f"{spec.format(self.mean)} ± {spec.format(self.std)}"
 
 
+@functools.lru_cache(maxsize=None)
+def read_run(run_dir: Path) -> Run:
+    """A run folder read once: the report asks each run for many metrics."""
+    return load_run(run_dir, run_dir.name)
+
+
 def metric(run_dirs: list[Path], key: str) -> Stat:
     """`key`'s final value (summary.json, else the last logged) over runs that have it."""
-    values = [load_run(d, d.name).value(key) for d in run_dirs]
+    values = [read_run(d).value(key) for d in run_dirs]
     return Stat([float(v) for v in values if v is not None and not math.isnan(float(v))])
 
 
