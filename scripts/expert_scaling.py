@@ -24,6 +24,12 @@ import torch
 from runs import train
 
 
+BOUND_OPS = ("aten::_fused_adamw_", "aten::mm")
+"""What grows with the number of experts whatever the implementation: the optimizer over all expert parameters,
+and the expert matrix products, cut into more and smaller GEMMs (on one process, the CPU `_grouped_mm` is a loop
+of `mm`)."""
+
+
 def profile_ops(recipe: str, num_experts: int, overrides: list[str], steps: int = 3) -> tuple[dict[str, tuple], str]:
     """({op: (self CPU seconds, calls)}, the profiler's table) over `steps` optimizer steps after 2 warm-up steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -62,11 +68,19 @@ def write_profile(args: argparse.Namespace) -> None:
         profiles[num_experts] = ops
     first, last = args.experts[0], args.experts[-1]
     totals = {e: sum(seconds for seconds, _ in ops.values()) for e, ops in profiles.items()}
-    growth = sorted(set(profiles[first]) | set(profiles[last]),
-                    key=lambda op: profiles[first].get(op, (0, 0))[0] - profiles[last].get(op, (0, 0))[0])
+
+    def growth_of(op: str) -> float:
+        return profiles[last].get(op, (0.0, 0))[0] - profiles[first].get(op, (0.0, 0))[0]
+
+    growth = sorted(set(profiles[first]) | set(profiles[last]), key=lambda op: -growth_of(op))
+
+    bound = totals[first] / (totals[first] + sum(growth_of(op) for op in BOUND_OPS))
     lines = [f"# Self CPU time of 3 steps by op: {args.recipe}, 1 thread", "",
              f"Total: {totals[first]:.2f} s at E={first}, {totals[last]:.2f} s at E={last} "
              f"({totals[first] / totals[last]:.2f}x).", "",
+             f"Bound: if nothing but {' and '.join(f'`{op}`' for op in BOUND_OPS)} grew, E={last} would run at "
+             f"{bound:.2f}x E={first}'s speed (the optimizer steps {last // first}x the expert parameters; the same "
+             f"expert FLOPs come in {last // first}x smaller matrix products).", "",
              f"| op | E={first} s (calls) | E={last} s (calls) | growth s |", "|---|---|---|---|"]
     for op in growth[:10]:
         (a, ca), (b, cb) = profiles[first].get(op, (0.0, 0)), profiles[last].get(op, (0.0, 0))

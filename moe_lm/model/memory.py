@@ -106,12 +106,10 @@ def norm_bytes(tokens: int, d_model: int, act_bytes: int) -> int:
 
 def attention_bytes(tokens: int, d_model: int, n_heads: int, act_bytes: int) -> int:
     """RMSNorm and its output (the qkv input), then 3aTD for the fused qkv output (SDPA keeps v as a view of it, so
-    all of it stays), 2aTD for q and k after RoPE, aTD for the SDPA output, aTD for its [B, S, D] copy that the
-    output projection keeps, 4TH for flash attention's log-sum-exp: (4 + 9a)·TD + 4TH.
-
-    CUDA's flash kernel returns its output already in [B, S, H, Dh] layout, which makes that copy a view there;
-    it is counted anyway (aTD per layer), as CPU kernels do copy."""
-    return (norm_bytes(tokens, d_model, act_bytes) + (1 + 3 + 2 + 1 + 1) * act_bytes * tokens * d_model
+    all of it stays), 2aTD for q and k after RoPE, aTD for the SDPA output, 4TH for flash attention's
+    log-sum-exp: (4 + 8a)·TD + 4TH. The flash kernels (CUDA, and CPU's too) return the output in [B, S, H, Dh]
+    layout, so the output projection's [B, S, D] input is a view of it, not a copy."""
+    return (norm_bytes(tokens, d_model, act_bytes) + (1 + 3 + 2 + 1) * act_bytes * tokens * d_model
             + FP32 * tokens * n_heads)
 
 
@@ -135,17 +133,16 @@ def expert_rows(tokens: int, model: ModelConfig, ep_size: int) -> int:
 def moe_ffn_bytes(tokens: int, model: ModelConfig, act_bytes: int, ep_size: int) -> int:
     """RMSNorm, whose output nothing keeps but the router's fp32 copy of it, 4TD (the same tensor in fp32); 2·4TE
     for the router's logits and probabilities; aRD for the expert input rows; 4aR·Fe inside the SwiGLU experts
-    (as `dense_ffn_bytes`); 3·(E/ep)·Fe·D·a for the local experts' weights, stacked into new tensors for the
-    grouped GEMMs, which keep them; on one GPU aRD more for the expert outputs that the scatter back to token
-    order keeps; and 4KTD for each token's K expert outputs in fp32, kept by the gate-weighted sum:
-    (8 + a)·TD + 8TE + aR·(D + 4Fe) + 3a·(E/ep)·Fe·D [+ aRD] + 4KTD."""
+    (as `dense_ffn_bytes`); on one GPU aRD more for the expert outputs that the scatter back to token order keeps;
+    and 4KTD for each token's K expert outputs in fp32, kept by the gate-weighted sum. The experts' stacked weights
+    are views of the parameters (`dispatch.stack_weights`), so they add nothing:
+    (8 + a)·TD + 8TE + aR·(D + 4Fe) [+ aRD] + 4KTD."""
     d, moe = model.d_model, model.moe
     width = moe.expert_width(model.d_ff)
     rows = expert_rows(tokens, model, ep_size)
-    stacked_weights = act_bytes * 3 * (moe.num_experts // ep_size) * width * d
     scattered_outputs = act_bytes * rows * d if ep_size == 1 else 0
     return (norm_bytes(tokens, d, act_bytes) + FP32 * tokens * d + 2 * FP32 * tokens * moe.num_experts
-            + act_bytes * rows * (d + 4 * width) + stacked_weights + scattered_outputs
+            + act_bytes * rows * (d + 4 * width) + scattered_outputs
             + FP32 * moe.top_k * tokens * d)
 
 

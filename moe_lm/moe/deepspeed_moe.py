@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from moe_lm.config.schema import MoEConfig
 from moe_lm.metrics.routing import RoutingRecord
 from moe_lm.model.layers import SwiGLU
-from moe_lm.moe.dispatch import batched_swiglu, capacity_slots, grouped_swiglu, sort_by_expert
+from moe_lm.moe.dispatch import batched_swiglu, capacity_slots, grouped_swiglu, sort_by_expert, stack_weights
 from moe_lm.routers import Router, RouterOutput
 from moe_lm.routers.functional import assignment_counts, entropy
 
@@ -162,6 +162,7 @@ class MoEFeedForward(MoE):
             for linear, std in ((expert.w1, init_std), (expert.w3, init_std), (expert.w2, out_init_std)):
                 with torch.no_grad():
                     linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * std)
+        self._pack_local_experts()
 
     @property
     def local_experts(self) -> nn.ModuleList:
@@ -175,15 +176,35 @@ class MoEFeedForward(MoE):
     def router(self) -> Router:
         return self.deepspeed_moe.gate.router
 
+    def _pack_local_experts(self) -> None:
+        """Move the local experts' weights into one storage, expert after expert in parameter order (the order of
+        DeepSpeed's flat bf16/ZeRO buffers too), so that each matrix stacked over the experts is a strided view
+        (`dispatch.stack_weights`), not a copy per forward. The weights stay separate parameters: DeepSpeed's
+        per-expert checkpoint files and keys, and its expert parameter groups, depend on it."""
+        weights = [param for expert in self.local_experts for param in expert.parameters()]
+        if len({(w.device, w.dtype) for w in weights}) != 1 or weights[0].is_meta:
+            return
+        with torch.no_grad():
+            flat = torch.cat([w.reshape(-1) for w in weights])
+        offset = 0
+        for w in weights:
+            w.data = flat[offset:offset + w.numel()].view_as(w)
+            offset += w.numel()
+
+    def _apply(self, fn, recurse=True):
+        """`module.to(...)` and the like give every parameter a storage of its own: pack them again."""
+        module = super()._apply(fn, recurse)
+        self._pack_local_experts()
+        return module
+
     def local_expert_w1(self) -> Tensor:
         """SwiGLU gate matrices of this rank's experts, [E_local, F, D] (autograd intact)."""
-        return torch.stack([expert.w1.weight for expert in self.local_experts])
+        return stack_weights([expert.w1.weight for expert in self.local_experts])
 
-    def _local_expert_weights(self) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """The local experts' W1, W3 ([F, D]) and W2 ([D, F]) matrices. They stay separate parameters (DeepSpeed's
-        per-expert checkpoint files and keys depend on it); the grouped and batched kernels stack them."""
+    def _local_expert_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The local experts' W1, W3 ([E_local, F, D]) and W2 ([E_local, D, F]) stacks."""
         experts = self.local_experts
-        return tuple([getattr(e, name).weight for e in experts] for name in ("w1", "w3", "w2"))
+        return tuple(stack_weights([getattr(e, name).weight for e in experts]) for name in ("w1", "w3", "w2"))
 
     def _capacity(self, num_tokens: int) -> int:
         """Buffer slots per expert for top_k assignments per token, however many slots the router fills: threshold

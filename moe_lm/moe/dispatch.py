@@ -78,21 +78,56 @@ def grouped_mm_supported(x: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
-def _grouped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> Tensor:
-    return torch._grouped_mm(x_ND, torch.stack(weights).transpose(-2, -1), offs=group_end_E)
+class _StridedStack(torch.autograd.Function):
+    """The [E, ...] stack of E weights that lie `step` elements apart in one storage, as a view of it. Backward
+    hands each weight its slice of the stacked gradient, as `torch.stack`'s does."""
+
+    @staticmethod
+    def forward(ctx, step: int, *weights: Tensor) -> Tensor:
+        first = weights[0]
+        return first.as_strided((len(weights), *first.shape), (step, *first.stride()), first.storage_offset())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        return None, *grad.contiguous().unbind(0)
 
 
-def _looped_linear(x_ND: Tensor, weights: list[Tensor], group_end_E: Tensor) -> Tensor:
+def strided_stack_step(weights: list[Tensor]) -> int | None:
+    """The spacing, in elements, of `weights` (same shape, contiguous) in one storage, where they sit at equally
+    spaced, non-overlapping offsets in order, so that their stack is a view of it; None elsewhere."""
+    first = weights[0]
+    step = weights[1].storage_offset() - first.storage_offset() if len(weights) > 1 else first.numel()
+    storage = first.untyped_storage().data_ptr()
+    laid_out = step >= first.numel() and all(
+        w.untyped_storage().data_ptr() == storage and w.storage_offset() == first.storage_offset() + i * step
+        and w.shape == first.shape and w.dtype == first.dtype and w.is_contiguous() for i, w in enumerate(weights))
+    return step if laid_out else None
+
+
+def stack_weights(weights: list[Tensor]) -> Tensor:
+    """The experts' [E, ...] weight stack for the grouped and batched kernels: a view where the weights are laid out
+    for it (`MoEFeedForward` packs them so, and DeepSpeed's flat bf16/ZeRO buffers keep that spacing), a copy
+    otherwise. The copy costs a read and a write of every local expert weight per forward, again for the
+    gradient, and autograd keeps it for backward."""
+    step = strided_stack_step(weights)
+    return torch.stack(weights) if step is None else _StridedStack.apply(step, *weights)
+
+
+def _grouped_linear(x_ND: Tensor, w_EOI: Tensor, group_end_E: Tensor) -> Tensor:
+    return torch._grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=group_end_E)
+
+
+def _looped_linear(x_ND: Tensor, w_EOI: Tensor, group_end_E: Tensor) -> Tensor:
     """The plain reference: one matmul per expert over its rows (reads the group sizes back to the host)."""
     ends = group_end_E.tolist()
     starts = [0] + ends[:-1]
-    return torch.cat([F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, weights)])
+    return torch.cat([F.linear(x_ND[start:end], w) for start, end, w in zip(starts, ends, w_EOI.unbind(0))])
 
 
-def grouped_swiglu(x_ND: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor], group_end_E: Tensor,
+def grouped_swiglu(x_ND: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor, group_end_E: Tensor,
                    impl: str = "auto") -> Tensor:
-    """SwiGLU of expert e, silu(x W1ᵀ) ⊙ (x W3ᵀ) W2ᵀ, applied to the rows of each group (expert-major rows); w1,
-    w3 ([F, D] each) and w2 ([D, F]) list the experts' matrices in group order. The groups cover every row
+    """SwiGLU of expert e, silu(x W1ᵀ) ⊙ (x W3ᵀ) W2ᵀ, applied to the rows of each group (expert-major rows); the
+    weights are stacked over the experts in group order (`stack_weights`). The groups cover every row
     (`group_end_E[-1]` = N; see `ExpertOrder.compute_group_end`): `_grouped_mm` leaves rows past the last group
     uninitialised.
 
@@ -103,12 +138,11 @@ def grouped_swiglu(x_ND: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Te
     if impl == "auto":
         impl = "grouped" if grouped_mm_supported(x_ND) else "looped"
     linear = {"grouped": _grouped_linear, "looped": _looped_linear}[impl]
-    hidden_NF = F.silu(linear(x_ND, w1, group_end_E)) * linear(x_ND, w3, group_end_E)
-    return linear(hidden_NF, w2, group_end_E)
+    hidden_NF = F.silu(linear(x_ND, w1_EFD, group_end_E)) * linear(x_ND, w3_EFD, group_end_E)
+    return linear(hidden_NF, w2_EDF, group_end_E)
 
 
-def batched_swiglu(x_ECD: Tensor, w1: list[Tensor], w3: list[Tensor], w2: list[Tensor]) -> Tensor:
+def batched_swiglu(x_ECD: Tensor, w1_EFD: Tensor, w3_EFD: Tensor, w2_EDF: Tensor) -> Tensor:
     """The same SwiGLU over equal-size expert buffers [E, C, D] (capacity dispatch): three batched matmuls."""
-    w1_EFD, w3_EFD, w2_EDF = torch.stack(w1), torch.stack(w3), torch.stack(w2)
     hidden_ECF = F.silu(torch.bmm(x_ECD, w1_EFD.transpose(1, 2))) * torch.bmm(x_ECD, w3_EFD.transpose(1, 2))
     return torch.bmm(hidden_ECF, w2_EDF.transpose(1, 2))

@@ -7,7 +7,7 @@ from deepspeed.moe.layer import MoE
 
 from moe_lm.config import load_config
 from moe_lm.moe import MoEFeedForward, capacity_slots, expert_capacity, grouped_swiglu, routing_records_paused
-from moe_lm.moe.dispatch import sort_by_expert
+from moe_lm.moe.dispatch import sort_by_expert, stack_weights
 from moe_lm.routers import REGISTRY, build_router
 
 D, F, E, K, T = 16, 24, 4, 2, 32
@@ -78,12 +78,50 @@ def test_grouped_and_looped_expert_compute_give_equal_outputs_and_gradients():
     results = []
     for impl in ("grouped", "looped"):
         leaves = [t.clone().requires_grad_() for t in [x, *weights]]
-        y = grouped_swiglu(leaves[0], *(list(w.unbind(0)) for w in leaves[1:]), order.compute_group_end(),
-                           impl=impl)
+        y = grouped_swiglu(*leaves, order.compute_group_end(), impl=impl)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         results.append([y.detach()] + [leaf.grad for leaf in leaves])
     for grouped, looped in zip(*results):
         torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-5)
+
+
+def expert_matrices(layer, name):
+    return [getattr(expert, name).weight for expert in layer.local_experts]
+
+
+@pytest.mark.parametrize("name", ["w1", "w3", "w2"])
+def test_stacked_expert_weights_are_a_view_of_the_parameters_not_a_copy(name):
+    layer = make_layer()
+    weights = expert_matrices(layer, name)
+    stacked = stack_weights(weights)
+    assert stacked.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+    assert torch.equal(stacked, torch.stack(weights))
+    layer.double()  # `.to()` and the like give every parameter a new storage: the layer packs them again
+    weights = expert_matrices(layer, name)
+    assert stack_weights(weights).untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr()
+
+
+def test_stacking_by_view_gives_each_weight_the_gradient_stacking_by_copy_gives():
+    torch.manual_seed(0)
+    packed = torch.randn(E, 3, F, D)
+    views = [torch.nn.Parameter(packed[e, 1]) for e in range(E)]  # every third matrix: a stride of 3·F·D
+    copies = [torch.nn.Parameter(v.detach().clone()) for v in views]
+    grad_out = torch.randn(E, F, D)
+    by_view, by_copy = stack_weights(views), stack_weights(copies)
+    assert by_view.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert by_copy.untyped_storage().data_ptr() != copies[0].untyped_storage().data_ptr()  # separate storages: a copy
+    (by_view * grad_out).sum().backward()
+    (by_copy * grad_out).sum().backward()
+    for view, copy, expected in zip(views, copies, grad_out):
+        assert torch.equal(view.grad, expected) and torch.equal(copy.grad, expected)
+
+
+def test_weights_out_of_order_are_stacked_by_copy_in_their_own_order():
+    packed = torch.randn(E, F, D)
+    reversed_views = [packed[e] for e in reversed(range(E))]
+    stacked = stack_weights(reversed_views)
+    assert stacked.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()
+    assert torch.equal(stacked, packed.flip(0))
 
 
 def one_hot_capacity_slots(expert_ids_TK, weights_TK, num_experts, capacity):
