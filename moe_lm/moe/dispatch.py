@@ -94,11 +94,13 @@ class _StridedStack(torch.autograd.Function):
 
 def strided_stack_step(weights: list[Tensor]) -> int | None:
     """The spacing, in elements, of `weights` (same shape, contiguous) in one storage, where they sit at equally
-    spaced, non-overlapping offsets in order, so that their stack is a view of it; None elsewhere."""
+    spaced, non-overlapping offsets in order, so that their stack is a view of it; None elsewhere. On CUDA the view
+    must also start and step on 16 bytes, as `_grouped_mm`'s kernel requires."""
     first = weights[0]
     step = weights[1].storage_offset() - first.storage_offset() if len(weights) > 1 else first.numel()
     storage = first.untyped_storage().data_ptr()
-    laid_out = step >= first.numel() and all(
+    aligned = first.device.type != "cuda" or (first.data_ptr() % 16 == 0 and step * first.element_size() % 16 == 0)
+    laid_out = aligned and step >= first.numel() and all(
         w.untyped_storage().data_ptr() == storage and w.storage_offset() == first.storage_offset() + i * step
         and w.shape == first.shape and w.dtype == first.dtype and w.is_contiguous() for i, w in enumerate(weights))
     return step if laid_out else None
