@@ -31,10 +31,11 @@ from torch import Tensor, nn
 
 from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
-from moe_lm.routers.functional import switch_load_balancing_loss, topk_routing, update_balance_bias
+from moe_lm.routers.functional import (all_reduce_sum, switch_load_balancing_loss, topk_routing,
+                                      update_balance_bias)
 from moe_lm.routers.grmoe_math import (bingham_log_likelihood, diag_gaussian_kl, gumbel_topk_routing,
-                                       marginal_kl_to_uniform, orthonormal_frames, subspace_affinity,
-                                       subspace_overlap, topk_mass_min_gap)
+                                       marginal_kl_to_uniform, mixture_negative_log_likelihood, orthonormal_frames,
+                                       subspace_affinity, subspace_overlap, topk_mass_min_gap)
 
 DISPATCH_MODES = ("topk", "sample")
 VARIATIONAL_MODES = ("none", "logit", "concentration")
@@ -53,7 +54,9 @@ class GrMoEConfig(RouterConfig):
     subspace_dim: int = 0
     """p, the dimension of each expert's subspace. 0 = auto: 8 for E <= 8, 4 for E <= 16, 2 otherwise."""
     routing_dim: int = 0
-    """m, the dimension of the routing space the tokens are projected to. 0 = E·p (orthogonal tiling)."""
+    """m, the dimension of the routing space the tokens are projected to. 0 = min(E·p, d): E·p tiles R^m with
+    orthogonal subspaces, but x̂ = normalize(P h) spans at most d dimensions, so past d a frame's extra dimensions
+    hold no token and the frames only blur (their part inside the tokens' span is no longer orthonormal)."""
     kappa_init: float = 0.0
     """κ₀, initial concentration of every expert. 0 = auto from C1: log[(E−k)(1−ε)/(kε)] / α with ε = 0.05
     (4.0 for E=8, 4.9 for E=16, 5.7 for E=32, at k=2)."""
@@ -90,6 +93,14 @@ class GrMoEConfig(RouterConfig):
     """β_bal, coefficient of KL(ḡ || uniform) = log E − H(ḡ), ḡ the batch-mean routing distribution."""
     separation_coef: float = 1e-3
     """β_sep, coefficient of L_sep = mean_{e≠e'} ||U_eᵀU_e'||_F² / p (0 when the subspaces are orthogonal)."""
+    likelihood_coef: float = 0.0
+    """β_lik, coefficient of the Bingham-mixture negative log-likelihood of the centred token lines, L_lik =
+    log E − mean_t log Σ_e exp(s_te) (uniform mixture weights; 0 = off). It fits the frames to where the tokens are
+    (soft K-subspaces): the task loss only orders the affinities, so once a token's top-1 is right nothing draws the
+    frames onto the token subspaces. It fits the tokens' deviation from the batch mean: a direction every token
+    shares says nothing about which expert should take it. Its gradient goes to the frames only: through P it could
+    collapse the tokens into one subspace, and κ is the entropy knob the task loss sets. Off by default: 3e-2 takes
+    the synthetic recovery angle under 10° but costs the quickstart LM about 1% perplexity (docs/routers/grmoe.md)."""
     load_balance_coef: float = 0.0
     """Standard Switch/GShard load-balancing loss on top (0 = off): unlike the balance KL, which sees only the mean
     of the soft responsibilities, it sees the hard top-k loads."""
@@ -117,8 +128,16 @@ class GrMoEConfig(RouterConfig):
             return self.subspace_dim
         return 8 if num_experts <= 8 else 4 if num_experts <= 16 else 2
 
-    def resolved_routing_dim(self, num_experts: int) -> int:
-        return self.routing_dim or num_experts * self.resolved_subspace_dim(num_experts)
+    def resolved_routing_dim(self, num_experts: int, d_model: int) -> int:
+        return self.routing_dim or min(num_experts * self.resolved_subspace_dim(num_experts), d_model)
+
+    def check_subspace_fits(self, num_experts: int, routing_dim: int) -> None:
+        """p < m: a subspace filling the routing space gives every token the same affinity."""
+        p = self.resolved_subspace_dim(num_experts)
+        if p >= routing_dim:
+            raise ConfigError("model.moe.router.subspace_dim", f"p={p} must be < routing_dim m={routing_dim}: a "
+                                                               f"subspace filling the routing space gives every "
+                                                               f"token the same affinity")
 
     def resolved_kappa_init(self, num_experts: int, top_k: int) -> float:
         if self.kappa_init:
@@ -136,7 +155,7 @@ class GrMoEConfig(RouterConfig):
 
         for key in ("subspace_dim", "routing_dim", "max_experts"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("kappa_init", "kl_coef", "balance_coef", "separation_coef", "load_balance_coef",
+        for key in ("kappa_init", "kl_coef", "balance_coef", "separation_coef", "likelihood_coef", "load_balance_coef",
                     "bias_update_rate", "alpha_jitter"):
             require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         for key in ("alpha", "prior_sigma", "prior_scale", "kappa_lr_scale"):
@@ -157,12 +176,13 @@ class GrMoEConfig(RouterConfig):
         kappa_init = self.resolved_kappa_init(moe.num_experts, moe.top_k)
         require(kappa_init < self.kappa_cap, "kappa_cap",
                 f"{self.kappa_cap} must be above the initial concentration κ₀={kappa_init:.4g} (kappa_init, alpha)")
-        p, m = self.resolved_subspace_dim(moe.num_experts), self.resolved_routing_dim(moe.num_experts)
-        require(p < m, "subspace_dim", f"p={p} must be < routing_dim m={m}: a subspace filling the routing space "
-                                       f"gives every token the same affinity")
-        if m < moe.num_experts * p:
-            warnings.warn(f"model.moe.router.routing_dim={m} < num_experts·subspace_dim={moe.num_experts * p}: the "
-                          f"expert subspaces cannot be mutually orthogonal, so they start overlapping", stacklevel=2)
+        if self.routing_dim:  # the automatic m depends on d_model: the router checks it when it is built
+            self.check_subspace_fits(moe.num_experts, self.routing_dim)
+            p = self.resolved_subspace_dim(moe.num_experts)
+            if self.routing_dim < moe.num_experts * p:  # the automatic m is below E·p only where d caps it, by design
+                warnings.warn(f"model.moe.router.routing_dim={self.routing_dim} < num_experts·subspace_dim="
+                              f"{moe.num_experts * p}: the expert subspaces cannot be mutually orthogonal, so they "
+                              f"start overlapping", stacklevel=2)
 
 
 def softplus_inverse(y: float) -> float:
@@ -193,13 +213,15 @@ class GrMoERouter(PostHocSparsity, Router):
        option B the concentration is per token, κ̃_te = min(κ_e·exp(δ_te), κ_cap);
     4. gate: g^(α) = softmax(α·s) (option A adds σ_φ(h)·ε to the logits in training);
     5. dispatch: training top-k or Gumbel-top-k; evaluation top-k, or the mass threshold τ capped at k_max;
-    6. losses (unscaled, training only): balance KL(ḡ||U), separation, VI KL, optional Switch LBL.
+    6. losses (unscaled, training only): balance KL(ḡ||U), separation, mixture likelihood (frames only), VI KL,
+       optional Switch LBL.
     """
 
     def __init__(self, cfg: GrMoEConfig, d_model: int, num_experts: int, top_k: int):
         super().__init__(cfg, d_model, num_experts, top_k)
         self.subspace_dim = cfg.resolved_subspace_dim(num_experts)
-        self.routing_dim = cfg.resolved_routing_dim(num_experts)
+        self.routing_dim = cfg.resolved_routing_dim(num_experts, d_model)
+        cfg.check_subspace_fits(num_experts, self.routing_dim)
         self.alpha = cfg.alpha
         self.eval_threshold = cfg.eval_threshold
         self.max_experts = cfg.resolved_max_experts(top_k)
@@ -268,8 +290,8 @@ class GrMoERouter(PostHocSparsity, Router):
     @property
     def loss_coefs(self) -> dict[str, float]:
         cfg = self.cfg
-        return {"balance": cfg.balance_coef, "separation": cfg.separation_coef, "kl": cfg.kl_coef,
-                "load_balance": cfg.load_balance_coef}
+        return {"balance": cfg.balance_coef, "separation": cfg.separation_coef, "likelihood": cfg.likelihood_coef,
+                "kl": cfg.kl_coef, "load_balance": cfg.load_balance_coef}
 
     def forward(self, x_TD: Tensor, *, expert_w1_EFD: Tensor | None = None, token_ids_T: Tensor | None = None,
                 sequence_length: int | None = None) -> RouterOutput:
@@ -321,12 +343,23 @@ class GrMoERouter(PostHocSparsity, Router):
         if self.training and torch.is_grad_enabled():
             losses["balance"] = marginal_kl_to_uniform(probs_TE)
             losses["separation"] = overlap / self.subspace_dim
+            if cfg.likelihood_coef > 0:
+                losses["likelihood"] = self._mixture_likelihood_loss(x_hat_TM.detach(), frames_EMP, kappa_E.detach())
             if kl_T is not None:
                 losses["kl"] = kl_T.mean()
             if cfg.load_balance_coef > 0:
                 losses["load_balance"] = switch_load_balancing_loss(probs_TE, expert_ids_TK)
         stats = self._stats(probs_TE, kappa_E, overlap, vi_sigma_TE)
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
+
+    def _mixture_likelihood_loss(self, x_hat_TM: Tensor, frames_EMP: Tensor, kappa_E: Tensor) -> Tensor:
+        """L_lik of the token lines centred on the global batch mean (all ranks), renormalised."""
+        num_tokens = all_reduce_sum(x_hat_TM.new_full((), float(x_hat_TM.shape[0])))
+        mean_M = all_reduce_sum(x_hat_TM.sum(0)) / num_tokens.clamp_min(1.0)
+        centred_TM = F.normalize(x_hat_TM - mean_M, dim=-1)
+        scores_TE = bingham_log_likelihood(subspace_affinity(centred_TM, frames_EMP), kappa_E, self.subspace_dim,
+                                           self.routing_dim, self.kappa_cap)
+        return mixture_negative_log_likelihood(scores_TE)
 
     def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """(μ_φ(h), σ_φ(h)), each [T, E]; μ is zeros for option A (its posterior mean is the deterministic logit)."""

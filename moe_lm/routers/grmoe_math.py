@@ -202,6 +202,17 @@ def marginal_kl_to_uniform(probs_TE: Tensor) -> Tensor:
     return math.log(num_experts) - entropy(marginal_E)
 
 
+def mixture_negative_log_likelihood(scores_TE: Tensor) -> Tensor:
+    """log E − mean_t log Σ_e exp(s_te): the negative log-likelihood of the tokens under the uniform mixture of
+    the E experts' Bingham distributions, relative to the uniform measure on the sphere. [DERIVED]
+
+    0 when every expert's density is uniform (κ = 0); it falls as the subspaces move onto the tokens. Its gradient
+    for frame e is the affinity gradient weighted by κ_e and the posterior softmax(s)[t, e]: the soft K-subspaces
+    (EM) update of the mixture that GrMoE's gate is the posterior of. Mean over the local tokens.
+    """
+    return math.log(scores_TE.shape[-1]) - torch.logsumexp(scores_TE, dim=-1).mean()
+
+
 def diag_gaussian_kl(mu: Tensor, sigma: Tensor, prior_sigma: float) -> Tensor:
     """KL(N(μ, diag σ²) || N(0, σ₀² I)) summed over the last dim: Σ [log(σ₀/σ) + (σ² + μ²)/(2σ₀²) − ½].
 

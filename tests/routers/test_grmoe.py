@@ -7,6 +7,7 @@ Shape suffixes: T tokens, D model width, M routing dimension, P subspace dimensi
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,10 +28,11 @@ from moe_lm.routers import REGISTRY, build_router
 from moe_lm.routers.functional import entropy, mass_threshold_routing
 from moe_lm.routers.grmoe import GrMoEConfig, GrMoERouter
 from moe_lm.routers.grmoe_math import (bingham_log_likelihood, entropy_lower_bound, gumbel_topk_routing,
-                                       kummer_series_terms, log_kummer, min_expert_probability, orthonormal_frames,
-                                       subspace_affinity, topk_mass_bounds, topk_mass_min_gap)
+                                       kummer_series_terms, log_kummer, min_expert_probability,
+                                       mixture_negative_log_likelihood, orthonormal_frames, subspace_affinity,
+                                       topk_mass_bounds, topk_mass_min_gap)
 
-D, E, K, T = 16, 4, 2, 64
+D, E, K, T = 32, 4, 2, 64  # D = E·p for the auto p = 8: the auto m = min(E·p, D) tiles R^D
 REPO = Path(__file__).resolve().parents[2]
 BINGHAM_SHAPES = [(8, 64), (4, 64), (2, 64), (1, 4), (2, 8)]  # (p, m): the three scales of §1.10 and tiny ones
 
@@ -166,19 +168,21 @@ def test_cholesky_qr_frames_span_the_householder_qr_subspaces():
                                householder_EMP @ householder_EMP.transpose(1, 2), atol=1e-6, rtol=0)
 
 
-def synthetic_routing_task(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """E clusters, each on its own random 2-dim subspace of R^D (routers.md §1.10's synthetic task)."""
+def synthetic_routing_task(num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_TD, labels_T, bases_EDQ): E clusters, each on its own random 2-dim subspace of R^D (routers.md §1.10's
+    synthetic task)."""
     gen = torch.Generator().manual_seed(seed)
     bases_EDQ = torch.linalg.qr(torch.randn(E, D, 2, generator=gen)).Q
     labels_T = torch.randint(0, E, (num_tokens,), generator=gen)
     x_TD = torch.einsum("tdq,tq->td", bases_EDQ[labels_T], torch.randn(num_tokens, 2, generator=gen))
-    return x_TD + 0.05 * torch.randn(num_tokens, D, generator=gen), labels_T
+    x_TD = x_TD + 0.05 * torch.randn(num_tokens, D, generator=gen)
+    return x_TD, labels_T, bases_EDQ
 
 
 def train_on_synthetic_task(router: GrMoERouter, steps: int) -> list[float]:
     """AdamW on the routing NLL of the cluster label plus the router's weighted aux losses (a real loss)."""
     optimizer = torch.optim.AdamW(router.parameters(), lr=0.05, weight_decay=0.1)
-    x_TD, labels_T = synthetic_routing_task(256, seed=3)
+    x_TD, labels_T, _ = synthetic_routing_task(256, seed=3)
     history = []
     router.train()
     for _ in range(steps):
@@ -381,12 +385,20 @@ def test_gradients_reach_every_router_parameter(variational, source):
 
 def test_aux_losses_are_unscaled_and_their_coefficients_come_from_the_config():
     router = make_router(variational="logit", load_balance_coef=0.02, kl_coef=0.5, balance_coef=0.3,
-                         separation_coef=0.7)
+                         separation_coef=0.7, likelihood_coef=0.4)
     out = router(tokens())
-    assert set(out.aux_losses) == {"balance", "separation", "kl", "load_balance"}
-    assert router.loss_coefs == {"balance": 0.3, "separation": 0.7, "kl": 0.5, "load_balance": 0.02}
+    assert set(out.aux_losses) == {"balance", "separation", "likelihood", "kl", "load_balance"}
+    assert router.loss_coefs == {"balance": 0.3, "separation": 0.7, "likelihood": 0.4, "kl": 0.5,
+                                 "load_balance": 0.02}
     marginal_E = out.probs_TE.mean(0)
     torch.testing.assert_close(out.aux_losses["balance"], math.log(E) - entropy(marginal_E))
+    # the NLL of the centred token lines under the uniform-weight mixture of the experts' Bingham distributions
+    x_hat_TM = torch.nn.functional.normalize(tokens() @ router.proj.weight.T, dim=-1)
+    x_hat_TM = torch.nn.functional.normalize(x_hat_TM - x_hat_TM.mean(0), dim=-1)
+    scores_TE = bingham_log_likelihood(subspace_affinity(x_hat_TM, router.frames()), router.concentrations(),
+                                       router.subspace_dim, router.routing_dim, router.kappa_cap)
+    torch.testing.assert_close(out.aux_losses["likelihood"],
+                               -(torch.logsumexp(scores_TE, -1) - math.log(E)).mean())
     # q starts at the prior up to the VI net's small (non-zero, so that gradients flow) output weights
     assert out.aux_losses["kl"].item() == pytest.approx(0.0, abs=1e-2)
     router.eval()
@@ -421,7 +433,8 @@ def test_registered_and_parameter_names_never_contain_expert():
 
 @pytest.mark.parametrize("key,value", [("subspace_dim", -1), ("alpha", 0.0), ("dispatch", "greedy"),
                                        ("eval_threshold", 1.5), ("max_experts", E + 1), ("variational", "full"),
-                                       ("prior_sigma", 0.0), ("kl_coef", -1.0), ("routing_dim", 8),
+                                       ("prior_sigma", 0.0), ("kl_coef", -1.0), ("likelihood_coef", -1.0),
+                                       ("routing_dim", 8),
                                        ("kappa_cap", 0.0), ("kappa_cap", math.inf),
                                        ("kappa_cap", 2.0)])  # 2 < auto κ₀ = log 19 ≈ 2.94 (E=4, k=2)
 def test_config_validation_names_the_key(key, value):
@@ -432,13 +445,57 @@ def test_config_validation_names_the_key(key, value):
         cfg.validate(MoEConfig(num_experts=E, top_k=K, router=cfg))
 
 
+def test_auto_routing_dim_is_capped_at_the_model_width():
+    """x̂ = normalize(P h) spans at most d dimensions: past d, a frame's extra dimensions would hold no token."""
+    cfg = GrMoEConfig()  # auto p = 8 for E <= 8
+    assert [cfg.resolved_routing_dim(8, d_model) for d_model in (32, 64, 128)] == [32, 64, 64]
+    assert GrMoEConfig(routing_dim=48).resolved_routing_dim(8, 32) == 48  # an explicit m is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cap below E·p is the rule, not a misconfiguration: no warning
+        router = GrMoERouter(cfg, 24, E, K)
+    assert router.routing_dim == 24 and router.frames().shape == (E, 24, 8)
+    with pytest.raises(ConfigError, match="model.moe.router.subspace_dim"):  # m = min(32, 8) = 8 leaves no p < m
+        GrMoERouter(cfg, 8, E, K)
+
+
+def test_mixture_likelihood_trains_the_frames_only():
+    router = make_router(balance_coef=0.0, separation_coef=0.0, likelihood_coef=1.0)
+    with torch.no_grad():  # off the tiling, so that every parameter could get a gradient
+        router.frame_basis_EMP.add_(0.1 * torch.randn_like(router.frame_basis_EMP))
+    router(tokens()).aux_losses["likelihood"].backward()
+    assert router.frame_basis_EMP.grad.abs().sum() > 0
+    for param in (router.proj.weight, router.rho_E):  # through P it could collapse the tokens; κ is the task's
+        assert param.grad is None or not param.grad.any()
+    assert mixture_negative_log_likelihood(torch.zeros(T, E)).item() == pytest.approx(0.0, abs=1e-7)  # κ = 0
+
+
+def test_mixture_likelihood_alone_draws_the_frames_onto_the_token_subspaces():
+    """The task loss only orders the affinities; the likelihood moves each planted plane into a frame (K-subspaces)."""
+    router = make_router(likelihood_coef=1.0)
+    x_TD, _, bases_EDQ = synthetic_routing_task(512, seed=3)
+
+    def best_frame_angles() -> torch.Tensor:  # per planted plane, carried into the routing space by P
+        planted_EMQ = torch.linalg.qr(torch.einsum("md,edq->emq", router.proj.weight.detach(), bases_EDQ)).Q
+        cosines = torch.linalg.svdvals(planted_EMQ.mT[:, None] @ router.frames().detach()[None])
+        return torch.rad2deg(torch.arccos(cosines.clamp(max=1.0))).mean(-1).amin(1)
+
+    assert best_frame_angles().min() > 30
+    optimizer = torch.optim.Adam([router.frame_basis_EMP], lr=0.05)
+    for _ in range(100):
+        optimizer.zero_grad()
+        router(x_TD).aux_losses["likelihood"].backward()
+        optimizer.step()
+    assert best_frame_angles().max() < 5
+
+
 @pytest.mark.parametrize("recipe,p,m", [("quickstart_grmoe.yaml", 8, 64), ("350m_e8_grmoe.yaml", 8, 64),
                                         ("1.3b_e16_grmoe.yaml", 4, 64), ("2.7b_e32_grmoe.yaml", 2, 64)])
 def test_recipes_load_with_the_subspace_dimension_of_their_scale(recipe, p, m):
     cfg = load_config(REPO / "recipes" / recipe)
     router_cfg, num_experts = cfg.model.moe.router, cfg.model.moe.num_experts
     assert isinstance(router_cfg, GrMoEConfig)
-    assert (router_cfg.resolved_subspace_dim(num_experts), router_cfg.resolved_routing_dim(num_experts)) == (p, m)
+    assert (router_cfg.resolved_subspace_dim(num_experts),
+            router_cfg.resolved_routing_dim(num_experts, cfg.model.d_model)) == (p, m)
     assert 4 <= router_cfg.resolved_kappa_init(num_experts, cfg.model.moe.top_k) <= 10
 
 
@@ -615,7 +672,8 @@ def test_variant_recipes_load_and_name_their_options():
     cases = {"quickstart_grmoe_switch.yaml": ("load_balance_coef", 0.01),
              "quickstart_grmoe.yaml": ("selection_bias", "loss_free"),  # the default since it won (results.md)
              "quickstart_grmoe_kl.yaml": ("selection_bias", "none"),
-             "quickstart_grmoe_kappa.yaml": ("kappa_calibration", True)}
+             "quickstart_grmoe_kappa.yaml": ("kappa_calibration", True),
+             "quickstart_grmoe_lik.yaml": ("likelihood_coef", 0.03)}
     for recipe, (key, value) in cases.items():
         router_cfg = load_config(REPO / "recipes" / recipe).model.moe.router
         assert router_cfg.name == "grmoe" and getattr(router_cfg, key) == value
