@@ -36,7 +36,7 @@ from moe_lm.model.transformer import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "softmax_topk"
-GRMOE_VARIANTS = ("grmoe", "grmoe_kl", "grmoe_switch", "grmoe_kappa", "grmoe_lik")
+GRMOE_VARIANTS = ("grmoe", "grmoe_kl", "grmoe_switch", "grmoe_kappa", "grmoe_nolik")
 MPI_VARIANTS = ("mpi", "mpi_code")
 SWEEP_ARMS = ("grmoe", "grmoe_kappa")
 SWEEP_ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)

@@ -93,14 +93,15 @@ class GrMoEConfig(RouterConfig):
     """β_bal, coefficient of KL(ḡ || uniform) = log E − H(ḡ), ḡ the batch-mean routing distribution."""
     separation_coef: float = 1e-3
     """β_sep, coefficient of L_sep = mean_{e≠e'} ||U_eᵀU_e'||_F² / p (0 when the subspaces are orthogonal)."""
-    likelihood_coef: float = 0.0
+    likelihood_coef: float = 3e-2
     """β_lik, coefficient of the Bingham-mixture negative log-likelihood of the centred token lines, L_lik =
     log E − mean_t log Σ_e exp(s_te) (uniform mixture weights; 0 = off). It fits the frames to where the tokens are
     (soft K-subspaces): the task loss only orders the affinities, so once a token's top-1 is right nothing draws the
     frames onto the token subspaces. It fits the tokens' deviation from the batch mean: a direction every token
     shares says nothing about which expert should take it. Its gradient goes to the frames only: through P it could
-    collapse the tokens into one subspace, and κ is the entropy knob the task loss sets. Off by default: 3e-2 takes
-    the synthetic recovery angle under 10° but costs the quickstart LM about 1% perplexity (docs/routers/grmoe.md)."""
+    collapse the tokens into one subspace, and κ is the entropy knob the task loss sets. 3e-2 takes the synthetic
+    recovery angle under 10° (17° without), at about 1% quickstart perplexity, which stays within 1% of
+    softmax_topk's (docs/results.md)."""
     load_balance_coef: float = 0.0
     """Standard Switch/GShard load-balancing loss on top (0 = off): unlike the balance KL, which sees only the mean
     of the soft responsibilities, it sees the hard top-k loads."""

@@ -208,9 +208,12 @@ def mixture_negative_log_likelihood(scores_TE: Tensor) -> Tensor:
 
     0 when every expert's density is uniform (κ = 0); it falls as the subspaces move onto the tokens. Its gradient
     for frame e is the affinity gradient weighted by κ_e and the posterior softmax(s)[t, e]: the soft K-subspaces
-    (EM) update of the mixture that GrMoE's gate is the posterior of. Mean over the local tokens.
+    (EM) update of the mixture that GrMoE's gate is the posterior of. Mean over the global batch (all ranks, with
+    `all_reduce_sum`), so that N ranks optimise the single-process objective.
     """
-    return math.log(scores_TE.shape[-1]) - torch.logsumexp(scores_TE, dim=-1).mean()
+    num_tokens = all_reduce_sum(scores_TE.new_full((), float(scores_TE.shape[0])))
+    log_likelihood_sum = all_reduce_sum(torch.logsumexp(scores_TE, dim=-1).sum())
+    return math.log(scores_TE.shape[-1]) - log_likelihood_sum / num_tokens.clamp_min(1.0)
 
 
 def diag_gaussian_kl(mu: Tensor, sigma: Tensor, prior_sigma: float) -> Tensor:
