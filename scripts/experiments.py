@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -288,12 +289,17 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="4x the quickstart's steps (train.max_steps=1200)")
     parser.add_argument("--report-only", action="store_true", help="use only runs already in OUT")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (OMP_NUM_THREADS): the figures depend on it through the order of "
+                             "floating-point sums, so every run of one report uses the same count")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every training, sweep and synthetic run
     if BASELINE not in args.variants:
         parser.error(f"the variants must include the baseline {BASELINE}")
     overrides = ["train.max_steps=1200"] if args.long else []
     command = "python scripts/experiments.py --out runs/experiments" + (" --long" if args.long else "") + \
-        (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [1, 2, 3] else "")  # what reruns it all
+        (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [1, 2, 3] else "") + \
+        (f" --threads {args.threads}" if args.threads != 1 else "")  # what reruns it all
 
     results_dir = args.results.parent / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
