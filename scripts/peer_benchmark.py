@@ -19,12 +19,15 @@ Writes `OUT/peer.json` and `OUT/peer.md` (printed too), and each side's log unde
 - `--routers`: every moe-lm router at the same shape, as step time over softmax_topk's. A router with its own
   quickstart recipe (`recipes/quickstart_<router>.yaml`) takes that recipe's router settings.
 
-Each run is its own process (`--worker`): DeepSpeed keeps process groups in module state, and peak memory is
-per process. Timing: `--warmup` untimed steps, then the median of `--steps` steps, each ended by a device sync;
-tokens/s = batch · seq / median step. Peak memory: `torch.cuda.max_memory_allocated` over the timed steps on
-CUDA; on CPU the worker's peak resident set (interpreter and libraries included). MFU for both sides uses
-moe-lm's FLOPs per token (`count_parameters(...).flops_per_token`, torchtitan's convention; the shapes are the
-same) against `peak_flops(device, dtype)`, which on CPU is a matmul probe, not a datasheet number.
+Each run is its own process (`--worker`): DeepSpeed keeps process groups in module state, and peak memory is per
+process. The baseline (moe-lm softmax_topk) runs again after the HF runs and after each router, and every ratio is
+taken against the mean of the two baseline runs around it, so that a machine that speeds up or slows down during
+the benchmark (CPU frequency, other load) does not favour whichever side ran first. Timing: `--warmup` untimed
+steps, then the median of `--steps` steps, each ended by a device sync; tokens/s = batch · seq / median step. Peak
+memory: `torch.cuda.max_memory_allocated` over the timed steps on CUDA; on CPU the worker's peak resident set
+(interpreter and libraries included). MFU for both sides uses moe-lm's FLOPs per token
+(`count_parameters(...).flops_per_token`, torchtitan's convention; the shapes are the same) against
+`peak_flops(device, dtype)`, which on CPU is a matmul probe, not a datasheet number.
 """
 
 from __future__ import annotations
@@ -267,6 +270,17 @@ def _ok(result: dict | None) -> bool:
     return bool(result) and "error" not in result
 
 
+def bracketed(before: dict, after: dict) -> dict:
+    """The baseline as measured around other runs: `before` with the mean step time of both runs (and the
+    tokens/s of that step), or whichever of the two ran where the other failed."""
+    if not (_ok(before) and _ok(after)):
+        return before if _ok(before) else after
+    step_s = (before["step_s"] + after["step_s"]) / 2
+    return {**before, "step_s": step_s, "tokens_per_s": before["tokens_per_s"] * before["step_s"] / step_s,
+            "peak_mem_gib": max(before["peak_mem_gib"], after["peak_mem_gib"]),
+            "bracket_step_s": [before["step_s"], after["step_s"]]}
+
+
 def render(report: dict) -> str:
     def fmt(value, spec: str, suffix: str = "") -> str:
         return "–" if value is None else f"{value:{spec}}{suffix}"
@@ -288,20 +302,26 @@ def render(report: dict) -> str:
         lines.append(f"| {label} | {r['tokens_per_s']:,.0f} | {r['step_s']:.4f} | {fmt(r.get('mfu'), '.2%')} | "
                      f"{r['peak_mem_gib']:.2f} | {fmt(ratio, '.2f', 'x')} | {r['precision']} | {r['optimizer']} |")
     if report.get("hf_best"):
+        bracket = report["moe_lm"].get("bracket_step_s") if _ok(report["moe_lm"]) else None
         lines.append(f"\nRatio: moe-lm tokens/s over HF's best ({report['hf_best']}): "
-                     f"**{fmt(report.get('ratio'), '.2f', 'x')}**.")
+                     f"**{fmt(report.get('ratio'), '.2f', 'x')}**." + (
+                         f" moe-lm's step is the mean of its runs before and after HF's "
+                         f"({bracket[0]:.4f} s and {bracket[1]:.4f} s)." if bracket else ""))
     params = {label: r["params"] for label, r, _ in rows if _ok(r) and r.get("params")}
     if len(set(params.values())) > 1:
         lines.append(f"\nWARNING: parameter counts differ, so the shapes are not identical: {params}.")
     if report.get("routers"):
         lines += ["", f"## moe-lm routers at this shape (vs {BASELINE_ROUTER})", "",
-                  "| router | step (s) | vs softmax_topk | tokens/s | MFU | peak mem (GiB) |",
-                  "|---|---|---|---|---|---|"]
+                  "Each router against the mean of the softmax_topk runs just before and just after it.", "",
+                  "| router | step (s) | softmax_topk around it (s) | vs softmax_topk | tokens/s | MFU | peak mem "
+                  "(GiB) |",
+                  "|---|---|---|---|---|---|---|"]
         for router, r in report["routers"].items():
             if not _ok(r):
-                lines.append(f"| {router} | failed: {r.get('error')} | | | | |")
+                lines.append(f"| {router} | failed: {r.get('error')} | | | | | |")
                 continue
-            lines.append(f"| {router} | {r['step_s']:.4f} | {fmt(r.get('step_ratio'), '.2f', 'x')} | "
+            lines.append(f"| {router} | {r['step_s']:.4f} | {fmt(r.get('baseline_step_s'), '.4f')} | "
+                         f"{fmt(r.get('step_ratio'), '.2f', 'x')} | "
                          f"{r['tokens_per_s']:,.0f} | {fmt(r.get('mfu'), '.2%')} | {r['peak_mem_gib']:.2f} |")
     v = report["versions"]
     lines += ["", f"Device {report['device']}; torch {v['torch']}, transformers {v['transformers']}, deepspeed "
@@ -326,8 +346,8 @@ def finish(report: dict, out: Path) -> None:
     if hf_ok and _ok(report["moe_lm"]):
         report["ratio"] = report["moe_lm"]["tokens_per_s"] / hf_ok[report["hf_best"]]["tokens_per_s"]
     for r in report["routers"].values():
-        if _ok(r) and _ok(report["moe_lm"]):
-            r["step_ratio"] = r["step_s"] / report["moe_lm"]["step_s"]
+        if _ok(r) and r.get("baseline_step_s"):
+            r["step_ratio"] = r["step_s"] / r["baseline_step_s"]
     threads = [r["threads"] for r in results if _ok(r)]
     report["threads"] = threads[0] if threads else None
     (out / "peer.json").write_text(json.dumps(report, indent=2))
@@ -380,18 +400,28 @@ def main() -> None:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": {p: version(p) for p in ("torch", "transformers", "deepspeed")},
               "moe_lm_overrides": base["overrides"], "flops_per_token": count_parameters(cfg.model).flops_per_token,
-              "moe_lm": None, "hf": {}, "routers": {}}
+              "moe_lm": None, "hf": {}, "routers": {}, "baseline_runs": []}
 
-    report["moe_lm"] = launch(f"moe_lm_{BASELINE_ROUTER}", base, args.out, args.timeout)
-    finish(report, args.out)
+    def run_baseline() -> dict:
+        report["baseline_runs"].append(launch(f"moe_lm_{BASELINE_ROUTER}_{len(report['baseline_runs'])}", base,
+                                              args.out, args.timeout))
+        return report["baseline_runs"][-1]
+
+    first = run_baseline()
     for impl in args.hf_experts:
         spec = {"side": "hf", "shape": shape, "experts": impl, "lr": args.lr, "grad_clip": cfg.train.grad_clip,
                 "warmup": args.warmup, "steps": args.steps, "profile": args.profile}
         report["hf"][impl] = launch(f"hf_{impl}", spec, args.out, args.timeout)
-        finish(report, args.out)
+    report["moe_lm"] = bracketed(first, run_baseline())
+    finish(report, args.out)
     for router in sorted(args.routers, key=lambda name: name != BASELINE_ROUTER):  # the baseline first
-        report["routers"][router] = dict(report["moe_lm"]) if router == BASELINE_ROUTER else \
-            launch(f"moe_lm_{router}", moe_lm_spec(router), args.out, args.timeout)
+        if router == BASELINE_ROUTER:
+            report["routers"][router] = {**report["moe_lm"], "baseline_step_s": report["moe_lm"]["step_s"]}
+            continue
+        before = report["baseline_runs"][-1]
+        result = launch(f"moe_lm_{router}", moe_lm_spec(router), args.out, args.timeout)
+        baseline = bracketed(before, run_baseline())
+        report["routers"][router] = {**result, "baseline_step_s": baseline.get("step_s")}
         finish(report, args.out)
 
     # after the runs: on CPU the peak is a matmul probe that the runs must not share the cores with
