@@ -3,6 +3,7 @@
     python scripts/expert_scaling.py --out runs/expert_scaling                        # quickstart, E = 8 .. 64
     python scripts/expert_scaling.py --recipe recipes/quickstart.yaml --experts 8 64 --steps 40 --out runs/es
     python scripts/expert_scaling.py --experts 8 64 --profile --out runs/es_profile  # where the extra time goes
+    python scripts/expert_scaling.py --experts 8 64 --kernels --out runs/es_kernels  # the expert GEMMs alone
 
 Each setting trains `--steps` steps through `moe-lm train` (evaluation off) and reads the trainer's own tokens/s
 (the first step excluded). Writes `OUT/expert_scaling.json` and `OUT/expert_scaling.md` with each setting's
@@ -12,6 +13,11 @@ with the number of experts.
 `--profile` instead profiles the model alone (forward, backward, fused AdamW; no DeepSpeed, no data) for 3 steps on
 one thread at each expert count, and writes torch.profiler's op table per setting (`OUT/profile_e<E>.txt`) and the
 self CPU time of the ops that grow most (`OUT/profile.md`).
+
+`--kernels` times the experts' SwiGLU alone, forward and backward, at each expert count with the recipe's shape
+and the current thread count: the grouped kernel over the T·K routed rows (`dispatch.grouped_swiglu`, what one
+process runs) against batched matmuls over capacity-padded buffers (`dispatch.batched_swiglu`, what expert
+parallelism runs). Writes `OUT/kernels.md`.
 """
 
 from __future__ import annotations
@@ -59,6 +65,57 @@ def profile_ops(recipe: str, num_experts: int, overrides: list[str], steps: int 
     return ops, averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
 
 
+def time_kernels(recipe: str, num_experts: int, overrides: list[str], repeats: int = 20) -> dict[str, float]:
+    """Median seconds of forward + backward of the experts' SwiGLU over one micro-batch's routed rows, balanced
+    across the experts: the grouped kernel over exactly T·K rows, and the batched one over E buffers of the
+    training capacity."""
+    import statistics
+    import time
+
+    from moe_lm.config import load_config
+    from moe_lm.moe.deepspeed_moe import expert_capacity
+    from moe_lm.moe.dispatch import batched_swiglu, grouped_swiglu
+
+    cfg = load_config(recipe, [f"model.moe.num_experts={num_experts}", *overrides])
+    moe, d = cfg.model.moe, cfg.model.d_model
+    width = moe.expert_width(cfg.model.d_ff)
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_len
+    rows, capacity = tokens * moe.top_k, expert_capacity(tokens, moe.top_k, num_experts, moe.capacity_factor,
+                                                         moe.min_capacity)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator).requires_grad_()
+               for shape in ((num_experts, width, d), (num_experts, width, d), (num_experts, d, width))]
+    group_end = torch.linspace(rows / num_experts, rows, num_experts).round().to(torch.int32)
+    inputs = {"grouped": torch.randn(rows, d, generator=generator),
+              "batched": torch.randn(num_experts, capacity, d, generator=generator)}
+    kernels = {"grouped": lambda x: grouped_swiglu(x, *weights, group_end, impl="grouped"),
+               "batched": lambda x: batched_swiglu(x, *weights)}
+    seconds = {}
+    for name, kernel in kernels.items():
+        x = inputs[name].requires_grad_()
+        times = []
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            y = kernel(x)
+            y.backward(torch.ones_like(y))
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times)
+    return seconds
+
+
+def write_kernels(args: argparse.Namespace) -> None:
+    lines = [f"# Expert SwiGLU, forward + backward: {args.recipe}, {torch.get_num_threads()} threads", "",
+             "| experts | grouped, T·K rows (ms) | batched, E × capacity rows (ms) | grouped / batched |",
+             "|---|---|---|---|"]
+    for num_experts in args.experts:
+        seconds = time_kernels(args.recipe, num_experts, args.overrides)
+        lines.append(f"| {num_experts} | {seconds['grouped'] * 1e3:.2f} | {seconds['batched'] * 1e3:.2f} | "
+                     f"{seconds['grouped'] / seconds['batched']:.2f}x |")
+    (args.out / "kernels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_profile(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # equal terms: larger GEMMs would also gain more from more threads
     profiles = {}
@@ -96,11 +153,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", action="store_true", help="profile the model's ops instead of training")
+    parser.add_argument("--kernels", action="store_true", help="time the expert kernels alone instead of training")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        write_profile(args)
+    if args.profile or args.kernels:
+        (write_profile if args.profile else write_kernels)(args)
         return
 
     results = {}
