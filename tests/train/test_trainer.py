@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from moe_lm.config import load_config
 from tests.distributed_utils import run_distributed
 
@@ -61,3 +63,28 @@ def test_router_is_swapped_by_name_from_the_command_line(tmp_path):
                                               "train.eval_interval=2", "metrics.diagnostics_interval=1"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["router"] == "mpi" and summary["steps"] == 2
+
+
+def _check_expert_weights_stack_in_place(rank, world_size, overrides):
+    from moe_lm.moe.dispatch import strided_stack_step
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    try:
+        for _ in range(2):  # after DeepSpeed's flattening, and after optimizer steps that write into its buffers
+            for layer in trainer.model.moe_layers():
+                for name in ("w1", "w3", "w2"):
+                    weights = [getattr(expert, name).weight for expert in layer.local_experts]
+                    assert strided_stack_step(weights) == 3 * weights[0].numel(), (name, overrides[-2:])
+            trainer._train_step(log=False)
+    finally:
+        trainer._release_run_dir()
+
+
+@pytest.mark.parametrize("zero_stage, precision", [(0, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_expert_weights_stay_packed_for_in_place_stacking_under_deepspeeds_optimizers(tmp_path, zero_stage,
+                                                                                       precision):
+    # ZeRO and DeepSpeed's bf16 optimizer move every parameter into flat buffers of their own: the packing must
+    # survive that, or every forward copies every expert weight again
+    run_distributed(_check_expert_weights_stack_in_place, 1,
+                    tiny_overrides(tmp_path, f"parallel.zero_stage={zero_stage}", f"train.precision={precision}"))
