@@ -4,7 +4,7 @@
 #   SMALL=1 bash scripts/gpu_check.sh                               # dry run first: the same steps, toy sizes, CPU
 #   bash scripts/gpu_check.sh                                       # on the GPU machine, from the project root
 # Steps: install the wheels the GPU image lacks (into /tmp/site), prepare a 20 MB stdlib corpus, run
-# scripts/peer_benchmark.py at the GPU peer shape with every router, then train each 350m_e8 recipe for 30 steps.
+# scripts/peer_benchmark.py at the GPU peer shape (softmax_topk, grmoe, mpi), then train each 350m_e8 recipe 30 steps.
 # Everything lands in $OUT (default /tmp/gpuout): summary.md (all results), results.jsonl (one line per recipe:
 # the last logged interval's tokens/s, MFU and peak memory, as the trainer logs them), peer/peer.{json,md}, logs/.
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
@@ -27,7 +27,7 @@ if [ "$SMALL" = 0 ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   MAXB=20000000; STEPS=30; MB=8; TOY=()
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
-        --warmup 3 --steps 10 --timeout 120)
+        --warmup 3 --steps 10 --timeout 120 --routers softmax_topk grmoe mpi)  # the routers issue 10 sets targets for
 else  # toy sizes on CPU: checks that every step runs, not its speed
   export PYTHONPATH=$R DS_ACCELERATOR=cpu
   MAXB=2000000; STEPS=3; MB=2
@@ -66,7 +66,7 @@ run_recipe() {  # run_recipe NAME RECIPE: one line of results.jsonl
   fi
   timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
     train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
-    train.log_interval=10 wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$OUT/logs/$name.log" 2>&1
+    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$OUT/logs/$name.log" 2>&1
   rc=$?
   $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$OUT/results.jsonl"
 import json, os, sys
