@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -69,9 +71,6 @@ def time_kernels(recipe: str, num_experts: int, overrides: list[str], repeats: i
     """Median seconds of forward + backward of the experts' SwiGLU over one micro-batch's routed rows, balanced
     across the experts: the grouped kernel over exactly T·K rows, and the batched one over E buffers of the
     training capacity."""
-    import statistics
-    import time
-
     from moe_lm.config import load_config
     from moe_lm.moe.deepspeed_moe import expert_capacity
     from moe_lm.moe.dispatch import batched_swiglu, grouped_swiglu

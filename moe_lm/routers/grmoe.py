@@ -354,13 +354,14 @@ class GrMoERouter(PostHocSparsity, Router):
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
 
     def _mixture_likelihood_loss(self, x_hat_TM: Tensor, frames_EMP: Tensor, kappa_E: Tensor) -> Tensor:
-        """L_lik of the token lines centred on the global batch mean (all ranks), renormalised."""
-        num_tokens = all_reduce_sum(x_hat_TM.new_full((), float(x_hat_TM.shape[0])))
-        mean_M = all_reduce_sum(x_hat_TM.sum(0)) / num_tokens.clamp_min(1.0)
-        centred_TM = F.normalize(x_hat_TM - mean_M, dim=-1)
+        """L_lik of the token lines centred on the global batch mean (all ranks), renormalised. The token sum and
+        count are reduced in one collective."""
+        sums_M1 = all_reduce_sum(torch.cat([x_hat_TM.sum(0), x_hat_TM.new_full((1,), float(x_hat_TM.shape[0]))]))
+        num_tokens = sums_M1[-1]
+        centred_TM = F.normalize(x_hat_TM - sums_M1[:-1] / num_tokens.clamp_min(1.0), dim=-1)
         scores_TE = bingham_log_likelihood(subspace_affinity(centred_TM, frames_EMP), kappa_E, self.subspace_dim,
                                            self.routing_dim, self.kappa_cap)
-        return mixture_negative_log_likelihood(scores_TE)
+        return mixture_negative_log_likelihood(scores_TE, num_tokens)
 
     def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """(μ_φ(h), σ_φ(h)), each [T, E]; μ is zeros for option A (its posterior mean is the deterministic logit)."""

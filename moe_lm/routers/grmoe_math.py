@@ -202,16 +202,15 @@ def marginal_kl_to_uniform(probs_TE: Tensor) -> Tensor:
     return math.log(num_experts) - entropy(marginal_E)
 
 
-def mixture_negative_log_likelihood(scores_TE: Tensor) -> Tensor:
+def mixture_negative_log_likelihood(scores_TE: Tensor, num_tokens: Tensor) -> Tensor:
     """log E − mean_t log Σ_e exp(s_te): the negative log-likelihood of the tokens under the uniform mixture of
     the E experts' Bingham distributions, relative to the uniform measure on the sphere. [DERIVED]
 
     0 when every expert's density is uniform (κ = 0); it falls as the subspaces move onto the tokens. Its gradient
     for frame e is the affinity gradient weighted by κ_e and the posterior softmax(s)[t, e]: the soft K-subspaces
-    (EM) update of the mixture that GrMoE's gate is the posterior of. Mean over the global batch (all ranks, with
-    `all_reduce_sum`), so that N ranks optimise the single-process objective.
+    (EM) update of the mixture that GrMoE's gate is the posterior of. Mean over the global batch of `num_tokens`
+    tokens (all ranks, with `all_reduce_sum`), so that N ranks optimise the single-process objective.
     """
-    num_tokens = all_reduce_sum(scores_TE.new_full((), float(scores_TE.shape[0])))
     log_likelihood_sum = all_reduce_sum(torch.logsumexp(scores_TE, dim=-1).sum())
     return math.log(scores_TE.shape[-1]) - log_likelihood_sum / num_tokens.clamp_min(1.0)
 

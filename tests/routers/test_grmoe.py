@@ -466,7 +466,8 @@ def test_mixture_likelihood_trains_the_frames_only():
     assert router.frame_basis_EMP.grad.abs().sum() > 0
     for param in (router.proj.weight, router.rho_E):  # through P it could collapse the tokens; κ is the task's
         assert param.grad is None or not param.grad.any()
-    assert mixture_negative_log_likelihood(torch.zeros(T, E)).item() == pytest.approx(0.0, abs=1e-7)  # κ = 0
+    uniform = mixture_negative_log_likelihood(torch.zeros(T, E), torch.tensor(float(T)))  # κ = 0: uniform densities
+    assert uniform.item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_mixture_likelihood_alone_draws_the_frames_onto_the_token_subspaces():
