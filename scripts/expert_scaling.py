@@ -157,6 +157,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile or args.kernels:
+        from moe_lm.config import load_config
+        from moe_lm.train.host_memory import keep_freed_host_memory
+
+        if load_config(args.recipe, args.overrides).train.keep_freed_host_memory:  # as the trainer runs on CPU
+            keep_freed_host_memory()
         (write_profile if args.profile else write_kernels)(args)
         return
 

@@ -5,14 +5,21 @@
 #   bash scripts/gpu_check.sh                                       # on the GPU machine, from the project root
 # Steps: install the wheels the GPU image lacks (into /tmp/site), prepare a 20 MB stdlib corpus, run
 # scripts/peer_benchmark.py at the GPU peer shape (softmax_topk, grmoe, mpi), then train each 350m_e8 recipe 30 steps.
-# Everything lands in $OUT (default /tmp/gpuout): summary.md (all results), results.jsonl (one line per recipe:
-# the last logged interval's tokens/s, MFU and peak memory, as the trainer logs them), peer/peer.{json,md}, logs/.
+# Four files land in $OUT (default /tmp/gpuout; the device tool brings back at most 8): summary.md (all results),
+# results.jsonl (one line per recipe: the last logged interval's tokens/s, MFU and peak memory, as the trainer logs
+# them), peer.json, and report.tar.gz with everything else: the logs, and the peer workers' op tables
+# (peer/logs/*.profile.txt: where each side's GPU step goes, and how busy the GPU was).
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
 # it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 R=$PWD; SMALL=${SMALL:-0}; OUT=${OUT:-/tmp/gpuout}; BUDGET_S=${BUDGET_S:-460}; PY=${PYTHON:-python3}
-W=${WORK:-/dev/shm/moe_lm_gpu_check}; rm -rf "$W"; mkdir -p "$W" "$OUT/logs" || exit 1
+W=${WORK:-/dev/shm/moe_lm_gpu_check}; rm -rf "$W"; O=$W/report; mkdir -p "$O/logs" "$OUT" || exit 1
+pack() {  # the report's four files into $OUT, also when the budget's timeout or a signal ends the script early
+  cp "$O"/summary.md "$O"/results.jsonl "$OUT"/ 2>/dev/null; cp "$W"/peer/peer.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT/report.tar.gz" -C "$O" .
+}
+trap pack EXIT
 [ -f recipes/350m_e8.yaml ] || { echo "run from the project root"; exit 1; }
 
 if [ "$SMALL" = 0 ]; then
@@ -37,7 +44,7 @@ else  # toy sizes on CPU: checks that every step runs, not its speed
 fi
 $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 \
-  | tee "$OUT/versions.txt"
+  | tee "$O/versions.txt"
 
 cap() {  # cap SECONDS: that, or what is left of the budget if less
   local left=$((BUDGET_S - SECONDS)); echo $(($1 < left ? $1 : left))
@@ -45,15 +52,19 @@ cap() {  # cap SECONDS: that, or what is left of the budget if less
 DATA=(data.sources=[stdlib] data.dir=$W/data data.vocab_size=1024 data.max_bytes=$MAXB)
 
 t0=$SECONDS
-timeout "$(cap 150)" $PY -m moe_lm.cli prepare-data recipes/quickstart.yaml "${DATA[@]}" > "$OUT/logs/prepare.log" 2>&1
-echo "prepare-data: exit $? in $((SECONDS - t0)) s" | tee "$OUT/prepare.txt"
+timeout "$(cap 150)" $PY -m moe_lm.cli prepare-data recipes/quickstart.yaml "${DATA[@]}" > "$O/logs/prepare.log" 2>&1
+echo "prepare-data: exit $? in $((SECONDS - t0)) s" | tee "$O/prepare.txt"
 
 # the peer benchmark: moe-lm against HF Mixtral at one shape, and every router against softmax_topk
 t0=$SECONDS; limit=$(cap 300)
 if [ "$limit" -ge 60 ]; then
-  timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --profile --data-dir "$W/data" --out "$OUT/peer" -- \
-    "${DATA[@]}" > "$OUT/logs/peer_benchmark.log" 2>&1
+  timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --profile --data-dir "$W/data" --out "$W/peer" -- \
+    "${DATA[@]}" > "$O/logs/peer_benchmark.log" 2>&1
   echo "peer benchmark: exit $? in $((SECONDS - t0)) s (limit $limit s)"
+  # only the report, the op tables and the worker logs come back: the run directories stay in $W
+  mkdir -p "$O/peer/logs"
+  cp "$W"/peer/peer.{json,md} "$O/peer/" 2>/dev/null
+  cp "$W"/peer/logs/*.{profile.txt,log} "$O/peer/logs/" 2>/dev/null
 else
   echo "peer benchmark: skipped, $limit s of the budget left"
 fi
@@ -62,13 +73,13 @@ fi
 run_recipe() {  # run_recipe NAME RECIPE: one line of results.jsonl
   local name=$1 recipe=$2 t0=$SECONDS limit rc; limit=$(cap 140)
   if [ "$limit" -lt 45 ]; then
-    echo "{\"run\": \"$name\", \"skipped\": \"$limit s of the budget left\"}" | tee -a "$OUT/results.jsonl"; return
+    echo "{\"run\": \"$name\", \"skipped\": \"$limit s of the budget left\"}" | tee -a "$O/results.jsonl"; return
   fi
   timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
     train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
-    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$OUT/logs/$name.log" 2>&1
+    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$O/logs/$name.log" 2>&1
   rc=$?
-  $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$OUT/results.jsonl"
+  $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$O/results.jsonl"
 import json, os, sys
 run_dir, name, recipe, rc, wall = sys.argv[1:6]
 last = {}
@@ -81,15 +92,15 @@ print(json.dumps({"run": name, "recipe": recipe, "exit": int(rc), "wall_s": int(
                   "tokens_per_s": last.get("perf/tokens_per_s"), "step_time_s": last.get("perf/step_time_s"),
                   "mfu": last.get("perf/mfu"), "peak_mem_gib": last.get("perf/peak_mem_gib")}))
 PY
-  [ "$rc" = 0 ] || tail -n 12 "$OUT/logs/$name.log"
+  [ "$rc" = 0 ] || tail -n 12 "$O/logs/$name.log"
   rm -rf "$W/runs/$name"  # the end-of-run checkpoint of 350m_e8 is ~13 GB
 }
-: > "$OUT/results.jsonl"
+: > "$O/results.jsonl"
 for recipe in 350m_e8 350m_e8_mpi 350m_e8_grmoe; do
   run_recipe "$recipe" "recipes/$recipe.yaml"
 done
 
-$PY - "$OUT" "$SECONDS" "$STEPS" <<'PY' | tee "$OUT/summary.md"
+$PY - "$O" "$SECONDS" "$STEPS" <<'PY' | tee "$O/summary.md"
 import json, os, sys
 out, total, steps = sys.argv[1:4]
 def fmt(value, spec):

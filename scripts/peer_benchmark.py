@@ -20,9 +20,11 @@ Writes `OUT/peer.json` and `OUT/peer.md` (printed too), and each side's log unde
   quickstart recipe (`recipes/quickstart_<router>.yaml`) takes that recipe's router settings.
 
 Each run is its own process (`--worker`): DeepSpeed keeps process groups in module state, and peak memory is per
-process. The baseline (moe-lm softmax_topk) runs again after the HF runs and after each router, and every ratio is
-taken against the mean of the two baseline runs around it, so that a machine that speeds up or slows down during
-the benchmark (CPU frequency, other load) does not favour whichever side ran first. Timing: `--warmup` untimed
+process. On CPU, HF's workers keep freed host memory in the heap (`moe_lm/train/host_memory.py`), as moe-lm's
+trainer does there by default (`train.keep_freed_host_memory`), so that both sides run in equal processes. The
+baseline (moe-lm softmax_topk) runs again after the HF runs and after each router, and every ratio is taken
+against the mean of the two baseline runs around it, so that a machine that speeds up or slows down during the
+benchmark (CPU frequency, other load) does not favour whichever side ran first. Timing: `--warmup` untimed
 steps, then the median of `--steps` steps, each ended by a device sync; tokens/s = batch · seq / median step. Peak
 memory: `torch.cuda.max_memory_allocated` over the timed steps on CUDA; on CPU the worker's peak resident set
 (interpreter and libraries included). MFU for both sides uses moe-lm's FLOPs per token
@@ -115,7 +117,9 @@ def _time_steps(step, device: torch.device, warmup: int, steps: int,
                 profile_to: str | None = None) -> tuple[list[float], float]:
     """Run `step()` warmup + steps times; return the timed steps' seconds and the peak memory over them. With
     `profile_to`, 3 more steps then run under torch.profiler, and its op table (self time, by input shape) is
-    written there: where each side's time goes, outside the timed steps."""
+    written there: where each side's time goes, outside the timed steps. On CUDA the file starts with the GPU's
+    busy share of those steps' wall time (kernel time over wall time: the rest is the GPU waiting for the host),
+    and holds a table by GPU time and one by host time."""
     times = []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -130,14 +134,28 @@ def _time_steps(step, device: torch.device, warmup: int, steps: int,
     if profile_to:
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities, record_shapes=True) as prof:
+            start = time.perf_counter()
             for _ in range(3):
                 step()
             _sync(device)
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        Path(profile_to).write_text(prof.key_averages(group_by_input_shape=True).table(
-            sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=80))
+            wall = time.perf_counter() - start
+        ops = prof.key_averages(group_by_input_shape=True)
+
+        def table(sort: str) -> str:
+            return ops.table(sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=80)
+
+        header = f"3 steps: {wall:.3f} s of wall time (profiler on)"
+        if cuda:  # kernel time against wall time: what is left is the GPU waiting for the host
+            busy = sum(e.self_device_time_total for e in ops) / 1e6
+            header += f", {busy:.3f} s of GPU kernel time ({busy / wall:.0%} busy)"
+            text = f"{header}\n\nBy GPU time:\n{table('self_cuda_time_total')}\nBy host time:\n" \
+                   f"{table('self_cpu_time_total')}"
+        else:
+            text = f"{header}\n\n{table('self_cpu_time_total')}"
+        Path(profile_to).write_text(text)
     return times, peak
 
 
@@ -207,7 +225,11 @@ def run_hf(spec: dict) -> dict:
 
 
 def worker(spec_path: str) -> None:
+    from moe_lm.train.host_memory import keep_freed_host_memory
+
     spec = json.loads(Path(spec_path).read_text())
+    if spec["side"] == "hf" and _device().type == "cpu":  # what moe-lm's trainer does there by default
+        keep_freed_host_memory()
     result = (run_moe_lm if spec["side"] == "moe-lm" else run_hf)(spec)
     median = statistics.median(result["step_times_s"])
     device = _device()

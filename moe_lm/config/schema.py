@@ -205,6 +205,10 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
     materialised, only one chunk of them at a time."""
+    keep_freed_host_memory: bool = True
+    """On CPU: serve tensors from the C heap and never hand freed memory back to the OS, so that a step does not
+    page-fault its activations in again (`moe_lm/train/host_memory.py`; faster steps, docs/performance.md). The
+    process then keeps its peak resident memory. No effect on GPUs."""
 
     def global_batch_size(self, dp_size: int) -> int:
         return self.micro_batch_size * self.grad_accum_steps * dp_size

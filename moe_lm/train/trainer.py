@@ -34,6 +34,7 @@ from moe_lm.model.transformer import MoETransformer, count_parameters
 from moe_lm.moe.deepspeed_moe import stable_seed
 from moe_lm.moe.engine import build_engine, expert_param_groups, grad_norm
 from moe_lm.train.faults import SecondInterrupt, SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
+from moe_lm.train.host_memory import keep_freed_host_memory
 from moe_lm.train.run_dir import claim_run_dir, newest_complete_checkpoint
 from moe_lm.train.distributed import DistEnv, check_layout, init_distributed, resolve_env
 
@@ -64,6 +65,8 @@ class Trainer:
         self.env = env or resolve_env()
         check_layout(cfg.parallel, self.env.world_size, cfg.model.moe.num_experts)
         self.device = init_distributed(cfg.parallel, self.env)
+        if self.device.type == "cpu" and cfg.train.keep_freed_host_memory:
+            keep_freed_host_memory()
         self.rank, self.world = self.env.rank, self.env.world_size
         self.is_main = self.rank == 0
         self.run_dir = Path(cfg.run.dir)
