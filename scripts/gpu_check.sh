@@ -7,8 +7,8 @@
 # scripts/peer_benchmark.py at the GPU peer shape (softmax_topk, grmoe, mpi), then train each 350m_e8 recipe 30 steps.
 # Four files land in $OUT (default /tmp/gpuout; the device tool brings back at most 8): summary.md (all results),
 # results.jsonl (one line per recipe: the last logged interval's tokens/s, MFU and peak memory, as the trainer logs
-# them), peer.json, and report.tar.gz with everything else: the logs, and the peer workers' op tables
-# (peer/logs/*.profile.txt: where each side's GPU step goes, and how busy the GPU was).
+# them), peer.json, and report.tar.gz with everything else: the logs, and op tables with the GPU's busy share
+# (peer/logs/*.profile.txt for each peer run, logs/<recipe>.profile.txt for steps 12-14 of each 350m_e8 recipe).
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
 # it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
 set -uo pipefail
@@ -33,11 +33,12 @@ if [ "$SMALL" = 0 ]; then
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   MAXB=20000000; STEPS=30; MB=8; TOY=()
+  PROF=(train.profile_start=12 train.profile_steps=3)  # inside steps 11-20: the last interval, 21-30, stays clean
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
         --warmup 3 --steps 10 --timeout 120 --routers softmax_topk grmoe mpi)  # the routers issue 10 sets targets for
 else  # toy sizes on CPU: checks that every step runs, not its speed
   export PYTHONPATH=$R DS_ACCELERATOR=cpu
-  MAXB=2000000; STEPS=3; MB=2
+  MAXB=2000000; STEPS=3; MB=2; PROF=(train.profile_start=2 train.profile_steps=1)
   TOY=(model.d_model=64 model.n_heads=2 model.d_ff=128 model.seq_len=64 model.vocab_size=1024)
   PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
         --warmup 1 --steps 2 --timeout 120)
@@ -77,8 +78,10 @@ run_recipe() {  # run_recipe NAME RECIPE: one line of results.jsonl
   fi
   timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
     train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
-    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${TOY[@]}" > "$O/logs/$name.log" 2>&1
+    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${PROF[@]}" \
+    "${TOY[@]}" > "$O/logs/$name.log" 2>&1
   rc=$?
+  cp "$W/runs/$name"/profile/*_rank0.txt "$O/logs/$name.profile.txt" 2>/dev/null  # op tables of 3 training steps
   $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$O/results.jsonl"
 import json, os, sys
 run_dir, name, recipe, rc, wall = sys.argv[1:6]

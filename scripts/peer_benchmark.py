@@ -116,10 +116,9 @@ def _fused_adamw_works(device: torch.device) -> bool:
 def _time_steps(step, device: torch.device, warmup: int, steps: int,
                 profile_to: str | None = None) -> tuple[list[float], float]:
     """Run `step()` warmup + steps times; return the timed steps' seconds and the peak memory over them. With
-    `profile_to`, 3 more steps then run under torch.profiler, and its op table (self time, by input shape) is
-    written there: where each side's time goes, outside the timed steps. On CUDA the file starts with the GPU's
-    busy share of those steps' wall time (kernel time over wall time: the rest is the GPU waiting for the host),
-    and holds a table by GPU time and one by host time."""
+    `profile_to`, 3 more steps then run under torch.profiler, and their op tables (`moe_lm.train.profiling`: self
+    time by input shape; on CUDA the GPU's busy share first) are written there: where each side's time goes,
+    outside the timed steps."""
     times = []
     for i in range(warmup + steps):
         if i == warmup and device.type == "cuda":
@@ -132,30 +131,13 @@ def _time_steps(step, device: torch.device, warmup: int, steps: int,
             times.append(time.perf_counter() - start)
     peak = _peak_mem_gib(device)
     if profile_to:
-        from torch.profiler import ProfilerActivity, profile
+        from moe_lm.train.profiling import StepProfiler
 
-        cuda = device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities, record_shapes=True) as prof:
-            start = time.perf_counter()
-            for _ in range(3):
-                step()
-            _sync(device)
-            wall = time.perf_counter() - start
-        ops = prof.key_averages(group_by_input_shape=True)
-
-        def table(sort: str) -> str:
-            return ops.table(sort_by=sort, row_limit=40, max_name_column_width=40, max_shapes_column_width=80)
-
-        header = f"3 steps: {wall:.3f} s of wall time (profiler on)"
-        if cuda:  # kernel time against wall time: what is left is the GPU waiting for the host
-            busy = sum(e.self_device_time_total for e in ops) / 1e6
-            header += f", {busy:.3f} s of GPU kernel time ({busy / wall:.0%} busy)"
-            text = f"{header}\n\nBy GPU time:\n{table('self_cuda_time_total')}\nBy host time:\n" \
-                   f"{table('self_cpu_time_total')}"
-        else:
-            text = f"{header}\n\n{table('self_cpu_time_total')}"
-        Path(profile_to).write_text(text)
+        profiler = StepProfiler(device)
+        profiler.start()
+        for _ in range(3):
+            step()
+        Path(profile_to).write_text(profiler.stop("3 steps"))
     return times, peak
 
 

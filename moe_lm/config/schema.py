@@ -205,6 +205,13 @@ class TrainConfig:
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
     materialised, only one chunk of them at a time."""
+    profile_start: int = 0
+    """Profile `profile_steps` optimizer steps from this step on with torch.profiler (0: never). Each rank writes
+    its op tables to run.dir/profile/ (`moe_lm/train/profiling.py`); logging or evaluation that falls inside the
+    window is profiled too."""
+    profile_steps: int = 3
+    profile_trace: bool = False
+    """Also write each rank's Chrome trace of the profiled steps (for chrome://tracing or Perfetto; tens of MB)."""
     keep_freed_host_memory: bool = True
     """On CPU: serve tensors from the C heap and never hand freed memory back to the OS, so that a step does not
     page-fault its activations in again (`moe_lm/train/host_memory.py`; faster steps, docs/performance.md). The
@@ -306,6 +313,8 @@ def validate(cfg: Config) -> None:
         _require(part.weight > 0, f"data.blend[{i}].weight", f"must be > 0, got {part.weight}")
         _require("/" not in part.name, f"data.blend[{i}].name", f"must not hold '/', got {part.name!r}")
     _require(t.save_interval >= 0, "train.save_interval", f"must be >= 0, got {t.save_interval}")
+    _require(t.profile_start >= 0, "train.profile_start", f"must be >= 0, got {t.profile_start}")
+    _require(t.profile_steps >= 1, "train.profile_steps", f"must be >= 1, got {t.profile_steps}")
     _require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode",
              f"must be offline, online or disabled, got {cfg.wandb.mode!r}")

@@ -35,6 +35,7 @@ from moe_lm.moe.deepspeed_moe import stable_seed
 from moe_lm.moe.engine import build_engine, expert_param_groups, grad_norm
 from moe_lm.train.faults import SecondInterrupt, SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
 from moe_lm.train.host_memory import keep_freed_host_memory
+from moe_lm.train.profiling import StepProfiler
 from moe_lm.train.run_dir import claim_run_dir, newest_complete_checkpoint
 from moe_lm.train.distributed import DistEnv, check_layout, init_distributed, resolve_env
 
@@ -307,12 +308,18 @@ class Trainer:
         interval_meter = self.meters[0]
         for meter in self.meters:
             meter.start()
+        profiler = None
         while self.step < t.max_steps:
             step = self.step + 1
             diagnostics_due = step % self.cfg.metrics.diagnostics_interval == 0 or step == 1
             eval_due = step % t.eval_interval == 0 or step == t.max_steps
             log_due = step % t.log_interval == 0 or step == t.max_steps or diagnostics_due or eval_due
+            if step == t.profile_start:
+                profiler = self._start_profiler()
             metrics = self._train_step(log=log_due)
+            if profiler is not None and step in (t.profile_start + t.profile_steps - 1, t.max_steps):
+                self._write_profile(profiler)
+                profiler = None
             for meter in self.meters:
                 meter.step(self.tokens_per_step)
             bar.update(1)
@@ -341,6 +348,8 @@ class Trainer:
                 for meter in self.meters:
                     meter.start()
         bar.close()
+        if profiler is not None:  # stopped by a signal inside the window
+            self._write_profile(profiler)
         if self.step < t.max_steps:  # stopped by a signal
             self.loggers.close()
             self.stop_cause = self._stop_cause()
@@ -353,6 +362,26 @@ class Trainer:
                             if self.last_checkpoint else "no checkpoint was written"))
             return {"interrupted": True, "steps": self.step, "checkpoint": str(self.last_checkpoint)}
         return self._finish(val)
+
+    def _start_profiler(self) -> StepProfiler:
+        """torch.profiler from here to the end of step `train.profile_start + train.profile_steps - 1`."""
+        trace = self._profile_path(".trace.json") if self.cfg.train.profile_trace else None
+        profiler = StepProfiler(self.device, trace)
+        profiler.start()
+        return profiler
+
+    def _write_profile(self, profiler: StepProfiler) -> None:
+        """Stop `profiler` and write this rank's op tables."""
+        path = self._profile_path(".txt")
+        path.write_text(profiler.stop(f"steps {self.cfg.train.profile_start}-{self.step}, rank {self.rank}"))
+        ckpt.log(f"profile of steps {self.cfg.train.profile_start}-{self.step}: {path.parent}")
+
+    def _profile_path(self, suffix: str) -> Path:
+        """run.dir/profile/steps<first>-<last>_rank<r><suffix>, the window as configured."""
+        first = self.cfg.train.profile_start
+        folder = self.run_dir / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"steps{first}-{first + self.cfg.train.profile_steps - 1}_rank{self.rank}{suffix}"
 
     def _stop_cause(self) -> str:
         """"preempted" if any rank got SIGTERM/SIGUSR1 (the scheduler will want to requeue), else "interrupted"

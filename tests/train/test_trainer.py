@@ -58,6 +58,19 @@ def test_training_writes_metrics_and_a_summary_and_lowers_the_loss(tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text().count("num_experts: 4") == 1
 
 
+def test_each_rank_writes_the_op_tables_and_trace_of_the_profiled_steps(tmp_path):
+    run_distributed(_train, 2, expert_parallel_overrides(tmp_path, "run", 2, 4) + [
+        "train.profile_start=2", "train.profile_steps=2", "train.profile_trace=true"])
+    folder = tmp_path / "run" / "profile"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "steps2-3_rank0.trace.json", "steps2-3_rank0.txt", "steps2-3_rank1.trace.json", "steps2-3_rank1.txt"]
+    for rank in (0, 1):
+        table = (folder / f"steps2-3_rank{rank}.txt").read_text()
+        assert table.startswith(f"steps 2-3, rank {rank}: ")
+        assert table.count("aten::") >= 10 and "Self CPU time total" in table  # ops by self time and input shape
+        assert json.loads((folder / f"steps2-3_rank{rank}.trace.json").read_text())["traceEvents"]
+
+
 def test_router_is_swapped_by_name_from_the_command_line(tmp_path):
     run_distributed(_train, 1, tiny_overrides(tmp_path, "model.moe.router.name=mpi", "train.max_steps=2",
                                               "train.eval_interval=2", "metrics.diagnostics_interval=1"))
