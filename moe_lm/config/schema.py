@@ -210,6 +210,7 @@ class TrainConfig:
     its op tables to run.dir/profile/ (`moe_lm/train/profiling.py`); logging or evaluation that falls inside the
     window is profiled too."""
     profile_steps: int = 3
+    """How many optimizer steps `profile_start` profiles."""
     profile_trace: bool = False
     """Also write each rank's Chrome trace of the profiled steps (for chrome://tracing or Perfetto; tens of MB)."""
     keep_freed_host_memory: bool = True

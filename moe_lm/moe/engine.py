@@ -89,11 +89,34 @@ def grad_norm(engine: deepspeed.DeepSpeedEngine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
+def coalesce_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors`, with every set of them that tiles one stretch of a storage replaced by one flat view of it.
+
+    The local experts' weight gradients of a layer are such a set: slices of one stacked gradient
+    (`dispatch.stack_weights`; autograd keeps them as separate tensors on one storage). A multi-tensor op then
+    covers each stack at once. This matters on CPU, where `torch._foreach_*` runs one kernel per tensor (768 expert
+    gradients at 64 experts and 4 layers), each too small to spread over the threads."""
+    kept, by_storage = [], {}
+    for tensor in tensors:
+        if tensor.is_contiguous():
+            key = (tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.numel())
+            by_storage.setdefault(key, []).append(tensor)
+        else:
+            kept.append(tensor)
+    for (_, _, size), group in by_storage.items():
+        offsets = sorted(t.storage_offset() for t in group)
+        if len(group) > 1 and offsets == list(range(offsets[0], offsets[0] + len(group) * size, size)):
+            kept.append(group[0].as_strided((len(group) * size,), (1,), offsets[0]))
+        else:
+            kept.extend(group)
+    return kept
+
+
 def _squared_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """Σ ||g||² over `grads` in float64, from one fused multi-tensor norm (no per-parameter kernels)."""
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).double().square().sum()
+    return torch.stack(torch._foreach_norm(coalesce_views(grads), 2.0, dtype=torch.float32)).double().square().sum()
 
 
 def moe_grad_norm(parameters) -> torch.Tensor:
@@ -155,7 +178,7 @@ def install_moe_grad_clipping(engine: deepspeed.DeepSpeedEngine) -> Callable[[],
         norm = measured.pop() if measured else moe_grad_norm(engine.module.parameters())
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         coef = torch.where(torch.isfinite(coef), coef, 1.0).to(torch.float32)
-        torch._foreach_mul_(grads, coef)
+        torch._foreach_mul_(coalesce_views(grads), coef)
         engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
