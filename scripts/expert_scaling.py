@@ -97,6 +97,8 @@ def time_kernels(recipe: str, num_experts: int, overrides: list[str], repeats: i
             start = time.perf_counter()
             y = kernel(x)
             y.backward(torch.ones_like(y))
+            for leaf in (x, *weights):  # as a training step leaves them: no accumulation into old gradients
+                leaf.grad = None
             if i >= 3:
                 times.append(time.perf_counter() - start)
         seconds[name] = statistics.median(times)
