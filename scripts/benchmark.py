@@ -6,6 +6,8 @@
 Writes `OUT/benchmark.json` and `OUT/benchmark.md`:
 - router_fwd_bwd_ms: forward + backward of one MoE layer's router on one micro-batch of tokens (median of
   repeats; `mpi` includes its power step through the experts' W1), with its ratio to softmax_topk;
+- router_ops: the aten ops that forward + backward dispatches (counted with torch.profiler): host work that a GPU
+  pays per op whatever the tensor sizes, so a router with many small ops can be slow there yet fast on CPU;
 - step_s, tokens_per_s, mfu, peak_mem_gib: from the trainer's own throughput logging over `--steps` steps
   (the first step excluded), evaluation off.
 
@@ -41,24 +43,46 @@ CHECKPOINT_SHAPE = ["model.n_layers=2", "model.seq_len=256", "model.vocab_size=8
 (the CPU path; bf16 is ~30x slower on this kind of CPU), on the embedded stdlib corpus."""
 
 
-def router_fwd_bwd_ms(recipe: str, router: str, repeats: int) -> float:
+def dispatched_ops(events) -> int:
+    """Ops issued from Python or the autograd engine (aten ops not inside another aten op): the host's work per
+    op, and on a GPU an upper bound on the kernels launched, views included."""
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in events if e.name.startswith("aten::") and outermost(e))
+
+
+def router_fwd_bwd(recipe: str, router: str, repeats: int) -> tuple[float, int]:
+    """(median ms, ops dispatched) of forward + backward of one MoE layer's router on one micro-batch of tokens."""
+    from torch.profiler import ProfilerActivity, profile
+
     cfg = load_config(recipe, [f"model.moe.router.name={router}"])
     torch.manual_seed(0)
     layer = MoETransformer(cfg.model).moe_layers()[0]
     tokens = cfg.train.micro_batch_size * cfg.model.seq_len
     x = torch.randn(tokens, cfg.model.d_model)
     token_ids = torch.randint(0, cfg.model.vocab_size, (tokens,))
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        start = time.perf_counter()
+    def fwd_bwd() -> None:
         w1 = layer.local_expert_w1() if layer.router.needs_expert_w1 else None
         out = layer.router(x, expert_w1_EFD=w1, token_ids_T=token_ids, sequence_length=cfg.model.seq_len)
         weights = out.weights_EC if out.expert_choice else out.weights_TK
         loss = weights.sum() + sum(out.aux_losses.values(), torch.zeros(()))
         if loss.requires_grad:  # a fixed router (hash) has nothing to learn
             loss.backward()
+
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        start = time.perf_counter()
+        fwd_bwd()
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times[1:])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fwd_bwd()
+    return 1000 * statistics.median(times[1:]), dispatched_ops(prof.events())
 
 
 def checkpoint_save(recipe: str, overrides: list[str], out: Path, saves: int) -> dict:
@@ -129,12 +153,12 @@ def main() -> None:
     results = {}
     for router in args.routers:
         print(f"[{router}] router micro-benchmark", flush=True)
-        router_ms = router_fwd_bwd_ms(args.recipe, router, args.repeats)
+        router_ms, router_ops = router_fwd_bwd(args.recipe, router, args.repeats)
         print(f"[{router}] {args.steps} training steps", flush=True)
         summary = train(args.recipe, [f"model.moe.router.name={router}", f"train.max_steps={args.steps}",
                                       f"train.eval_interval={10 * args.steps}", "train.eval_batches=1",
                                       "wandb.mode=disabled", *args.overrides], args.out / router)
-        results[router] = {"router_fwd_bwd_ms": router_ms, "step_s": summary["step_time_s"],
+        results[router] = {"router_fwd_bwd_ms": router_ms, "router_ops": router_ops, "step_s": summary["step_time_s"],
                            "tokens_per_s": summary["tokens_per_s"], "mfu": summary["mfu"],
                            "peak_mem_gib": summary["peak_mem_gib"], "peak_flops_source": summary["peak_flops_source"]}
     base = results.get("softmax_topk")
@@ -143,13 +167,15 @@ def main() -> None:
         return f"{r[key] / base[key]:.2f}x" if base else "–"
 
     lines = [f"# Router benchmark: {args.recipe}, {args.steps} steps, {torch.get_num_threads()} threads", "",
-             "| router | router fwd+bwd (ms) | vs softmax_topk | step (s) | vs softmax_topk | tokens/s | MFU | "
-             "peak mem (GiB) |", "|---|---|---|---|---|---|---|---|"]
+             "| router | router fwd+bwd (ms) | vs softmax_topk | router ops | step (s) | vs softmax_topk | tokens/s | "
+             "MFU | peak mem (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for router, r in results.items():
         lines.append(f"| {router} | {r['router_fwd_bwd_ms']:.2f} | {ratio(r, 'router_fwd_bwd_ms')} | "
-                     f"{r['step_s']:.3f} | {ratio(r, 'step_s')} | {r['tokens_per_s']:,.0f} | {r['mfu']:.2%} | "
-                     f"{r['peak_mem_gib']:.2f} |")
-    lines.append(f"\nMFU peak: {next(iter(results.values()))['peak_flops_source']}.")
+                     f"{r['router_ops']} | {r['step_s']:.3f} | {ratio(r, 'step_s')} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['mfu']:.2%} | {r['peak_mem_gib']:.2f} |")
+    lines.append(f"\nMFU peak: {next(iter(results.values()))['peak_flops_source']}. Router ops: aten ops dispatched "
+                 "by one forward + backward of the router (views included), the host's work per layer and step; on a "
+                 "GPU each non-view op is a kernel launch.")
     (args.out / "benchmark.json").write_text(json.dumps(results, indent=2))
     (args.out / "benchmark.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
