@@ -34,6 +34,7 @@ from runs import train
 from moe_lm.config import load_config
 from moe_lm.model.transformer import MoETransformer
 from moe_lm.routers import REGISTRY
+from moe_lm.train.profiling import dispatched_ops
 
 CHECKPOINT_SHAPE = ["model.n_layers=2", "model.seq_len=256", "model.vocab_size=8192", "train.micro_batch_size=1",
                     "train.grad_accum_steps=1", "train.precision=fp32", "parallel.zero_stage=0",
@@ -41,20 +42,6 @@ CHECKPOINT_SHAPE = ["model.n_layers=2", "model.seq_len=256", "model.vocab_size=8
                     "train.eval_interval=100000", "train.log_interval=1", "train.keep_last=1", "wandb.mode=disabled"]
 """recipes/350m_e8.yaml (d_model 1024, 8 experts of d_ff 2816 on every other layer) cut to 2 layers, in fp32 ZeRO-0
 (the CPU path; bf16 is ~30x slower on this kind of CPU), on the embedded stdlib corpus."""
-
-
-def dispatched_ops(events) -> int:
-    """Ops issued from Python or the autograd engine (aten ops not inside another aten op): the host's work per
-    op, and on a GPU an upper bound on the kernels launched, views included."""
-    def outermost(event) -> bool:
-        parent = event.cpu_parent
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                return False
-            parent = parent.cpu_parent
-        return True
-
-    return sum(1 for e in events if e.name.startswith("aten::") and outermost(e))
 
 
 def router_fwd_bwd(recipe: str, router: str, repeats: int) -> tuple[float, int]:
@@ -67,6 +54,7 @@ def router_fwd_bwd(recipe: str, router: str, repeats: int) -> tuple[float, int]:
     tokens = cfg.train.micro_batch_size * cfg.model.seq_len
     x = torch.randn(tokens, cfg.model.d_model)
     token_ids = torch.randint(0, cfg.model.vocab_size, (tokens,))
+
     def fwd_bwd() -> None:
         w1 = layer.local_expert_w1() if layer.router.needs_expert_w1 else None
         out = layer.router(x, expert_w1_EFD=w1, token_ids_T=token_ids, sequence_length=cfg.model.seq_len)

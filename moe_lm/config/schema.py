@@ -208,7 +208,7 @@ class TrainConfig:
     profile_start: int = 0
     """Profile `profile_steps` optimizer steps from this step on with torch.profiler (0: never). Each rank writes
     its op tables to run.dir/profile/ (`moe_lm/train/profiling.py`); logging or evaluation that falls inside the
-    window is profiled too."""
+    window is profiled too, and the tokens/s logged for that interval includes the profiler's overhead."""
     profile_steps: int = 3
     """How many optimizer steps `profile_start` profiles."""
     profile_trace: bool = False
@@ -316,6 +316,8 @@ def validate(cfg: Config) -> None:
     _require(t.save_interval >= 0, "train.save_interval", f"must be >= 0, got {t.save_interval}")
     _require(t.profile_start >= 0, "train.profile_start", f"must be >= 0, got {t.profile_start}")
     _require(t.profile_steps >= 1, "train.profile_steps", f"must be >= 1, got {t.profile_steps}")
+    _require(t.profile_start <= t.max_steps, "train.profile_start",
+             f"{t.profile_start} > train.max_steps={t.max_steps}: no step would be profiled")
     _require(0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
     _require(cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode",
              f"must be offline, online or disabled, got {cfg.wandb.mode!r}")

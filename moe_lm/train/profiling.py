@@ -56,3 +56,17 @@ def op_tables(prof: profile, wall_s: float, label: str, cuda: bool, rows: int = 
     busy = sum(e.self_device_time_total for e in ops) / 1e6
     return (f"{header}, {busy:.3f} s of GPU kernel time ({busy / wall_s:.0%} busy)\n\n"
             f"By GPU time:\n{table('self_cuda_time_total')}\nBy host time:\n{table('self_cpu_time_total')}")
+
+
+def dispatched_ops(events) -> int:
+    """Ops issued from Python or the autograd engine (aten ops not inside another aten op) among profiler
+    `events`: the host's work per op, and on a GPU an upper bound on the kernels launched, views included."""
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for e in events if e.name.startswith("aten::") and outermost(e))
