@@ -71,11 +71,12 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
                  bf16: bool) -> tuple[deepspeed.DeepSpeedEngine, Callable[[], torch.Tensor] | None]:
     """(engine, measure_grad_norm): DeepSpeed's engine around `model`, stepping `optimizer` (param groups from
     `expert_param_groups`) and `scheduler` at each accumulation boundary of `cfg.train`, with ZeRO
-    `cfg.parallel.zero_stage`, bf16 or fp32; and the `measure()` of `install_moe_grad_clipping` (None where
-    DeepSpeed clips by itself)."""
+    `cfg.parallel.zero_stage`, bf16 or fp32; and a `measure()` whose device scalar is finite exactly when the
+    gradients this rank is about to step with are: from `install_moe_grad_clipping` at ZeRO-0 fp32, from
+    `install_fused_zero_reductions` at ZeRO-1/2, None at ZeRO-0 bf16 (the module's own gradients then)."""
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world_size, bf16))
-    measure_grad_norm = install_moe_grad_clipping(engine)
+    measure_grad_norm = install_moe_grad_clipping(engine) or install_fused_zero_reductions(engine)
     if world_size == 1 and not (engine.zero_optimization() or bf16):
         # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
         # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
@@ -182,4 +183,61 @@ def install_moe_grad_clipping(engine: deepspeed.DeepSpeedEngine) -> Callable[[],
         engine._global_grad_norm = norm  # what get_global_grad_norm() returns (torch optimizers set none)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+    return measure
+
+
+def install_fused_zero_reductions(engine: deepspeed.DeepSpeedEngine) -> Callable[[], torch.Tensor] | None:
+    """ZeRO-1/2 without their per-parameter passes over the gradients.
+
+    DeepSpeed's ZeRO optimizer takes the gradient norm with one kernel per gradient (after casting it to fp64) and,
+    in bf16, checks every gradient for NaN/inf with five more kernels and a host read: about 3,000 kernel launches
+    a step for 350m_e8 on one H200, where the step was bound by the host's launches (docs/performance.md). This
+    replaces, on this engine's optimizer only:
+    - the norm by one fused multi-tensor norm with the same reductions (the data-parallel all-reduce, then the
+      model-parallel one), an invalid norm masked to -1 on the device as DeepSpeed does;
+    - the clip's test of that norm, one host read per parameter group, by the same clip computed on the device;
+    - the overflow check by the trainer's verdict, which the client optimizer holds in `overflow` before the step
+      (`SkippableAdamW`), already all-reduced over every rank. DeepSpeed then skips a bad step as before: no
+      update, no scheduler step, `skipped_steps` counted.
+
+    moe-lm has no pipeline or tensor parallelism, so every gradient counts once (DeepSpeed's replica and
+    model-parallel filters select them all). Returns `measure()`, the norm over this rank's reduced gradient
+    partitions for the trainer's verdict; None below ZeRO-1.
+    """
+    zero = engine.optimizer
+    if not engine.zero_optimization() or not hasattr(zero, "averaged_gradients"):
+        return None
+    original_norm = type(zero).get_grad_norm_direct
+
+    def get_grad_norm_direct(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0:
+            return original_norm(zero, gradients, params, norm_type)
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
+        squared = _squared_norm(grads, zero.device).float()
+        torch.distributed.all_reduce(squared, group=zero.dp_process_group)
+        zero._model_parallel_all_reduce(tensor=squared, op=torch.distributed.ReduceOp.SUM)
+        norm = squared.sqrt()
+        return torch.where(torch.isfinite(norm), norm, -1.0)
+
+    def unscale_and_clip_grads(grad_groups_flat, total_norm):
+        if zero.clip_grad == 0.0 and zero.loss_scale == 1.0:
+            return
+        combined_scale = zero.loss_scale
+        if zero.clip_grad > 0.0:  # an invalid norm (NaN, inf, the -1 sentinel) clips as an infinite one
+            norm = torch.where(torch.isfinite(total_norm) & (total_norm >= 0), total_norm, float("inf"))
+            combined_scale = (((norm / zero.loss_scale) + 1e-6) / zero.clip_grad).clamp(min=1.0) * zero.loss_scale
+        for grad in grad_groups_flat:
+            for part in (grad if isinstance(grad, list) else [grad]):
+                part.data.mul_(1.0 / combined_scale)
+
+    def has_overflow(partition_gradients=True) -> bool:
+        return bool(zero.optimizer.overflow)
+
+    def measure() -> torch.Tensor:
+        grads = [g for group in zero.averaged_gradients.values() if group is not None for g in group if g is not None]
+        return _squared_norm(grads, zero.device)
+
+    zero.get_grad_norm_direct = get_grad_norm_direct
+    zero.unscale_and_clip_grads = unscale_and_clip_grads
+    zero.has_overflow = has_overflow
     return measure

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -53,7 +54,9 @@ def op_tables(prof: profile, wall_s: float, label: str, cuda: bool, rows: int = 
     header = f"{label}: {wall_s:.3f} s of wall time (profiler on)"
     if not cuda:
         return f"{header}\n\n{table('self_cpu_time_total')}"
-    busy = sum(e.self_device_time_total for e in ops) / 1e6
+    # kernels, copies and memsets only: an op's row repeats its kernels' time, and an annotation spans others
+    busy = sum(e.self_device_time_total for e in ops
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
     return (f"{header}, {busy:.3f} s of GPU kernel time ({busy / wall_s:.0%} busy)\n\n"
             f"By GPU time:\n{table('self_cuda_time_total')}\nBy host time:\n{table('self_cpu_time_total')}")
 

@@ -1,10 +1,25 @@
-"""The gradient norm and clip of ZeRO-0 fp32 (`moe_lm/moe/engine.py`) cover each stacked expert gradient in one
-piece, with the result of one piece per parameter."""
+"""The engine's gradient passes (`moe_lm/moe/engine.py`).
 
+- ZeRO-0 fp32: the gradient norm and clip cover each stacked expert gradient in one piece, with the result of one
+  piece per parameter.
+- ZeRO-1/2: the gradient norm is DeepSpeed's, from one fused pass instead of one per parameter, and a step whose
+  gradient (not its loss) is NaN is skipped as DeepSpeed's own check skipped it: no update, no scheduler step,
+  counted.
+"""
+
+import json
+
+import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from moe_lm.config import load_config
+from moe_lm.data.sampler import make_batch
 from moe_lm.moe.engine import coalesce_views, moe_grad_norm
+from moe_lm.train.profiling import dispatched_ops
+from tests.distributed_utils import run_distributed
 from tests.moe.test_deepspeed_moe import D, E, T, make_layer
+from tests.train.test_trainer import tiny_overrides
 
 
 def test_tensors_that_tile_a_stretch_of_one_storage_are_replaced_by_a_flat_view_of_it():
@@ -43,3 +58,65 @@ def test_the_gradient_norm_over_coalesced_gradients_is_the_per_parameter_norm():
     out.square().sum().backward()
     per_parameter = torch.stack([p.grad.double().norm() for p in layer.parameters() if p.grad is not None])
     torch.testing.assert_close(moe_grad_norm(layer.parameters()), per_parameter.square().sum().sqrt())
+
+
+def _zero_norms_worker(rank, world_size, overrides, out):
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    inputs, targets = make_batch(trainer.train_data, [0, 1, 2, 3])
+    _, lm_loss, aux_loss = trainer.engine(inputs, targets)
+    trainer.engine.backward(lm_loss + aux_loss)
+    zero = trainer.engine.optimizer
+    rows = []
+    for i in range(len(zero.bit16_groups)):
+        grads, params = zero.averaged_gradients[i], zero.params_in_partition[i]
+        with profile(activities=[ProfilerActivity.CPU]) as fused:
+            norm = zero.get_grad_norm_direct(grads, params)
+        with profile(activities=[ProfilerActivity.CPU]) as deepspeeds:
+            reference = type(zero).get_grad_norm_direct(zero, grads, params)
+        rows.append({"norm": norm.item(), "reference": reference.item(), "gradients": len(list(grads)),
+                     "fused_ops": dispatched_ops(fused.events()), "deepspeed_ops": dispatched_ops(deepspeeds.events())})
+    out.write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_zero_gradient_norm_is_deepspeeds_from_one_fused_pass(stage, tmp_path):
+    out = tmp_path / "norms.json"
+    run_distributed(_zero_norms_worker, 1,
+                    tiny_overrides(tmp_path, f"parallel.zero_stage={stage}", "train.precision=bf16"), out)
+    rows = json.loads(out.read_text())
+    assert len(rows) >= 2  # the dense group and the experts' group
+    for row in rows:
+        assert row["norm"] == pytest.approx(row["reference"], rel=1e-5)
+        assert row["deepspeed_ops"] >= row["gradients"] > 1  # DeepSpeed: at least one op per gradient
+        assert row["fused_ops"] <= 12  # fused: a fixed handful, however many gradients
+
+
+def _nan_gradient_worker(rank, world_size, overrides, out):
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    expert_weight = trainer.model.moe_layers()[0].local_experts[0].w1.weight
+    expert_weight.register_hook(lambda grad: grad * float("nan") if trainer.step + 1 == 2 else grad)
+    snapshots = []
+    for _ in range(3):
+        metrics = trainer._train_step(log=True)
+        snapshots.append({"params": [p.detach().float().clone() for p in trainer.model.parameters()],
+                          "loss": metrics["train/loss"], "lr_epoch": trainer.scheduler.last_epoch,
+                          "skipped": trainer.skipped_steps, "deepspeed_skipped": trainer.engine.skipped_steps})
+    torch.save(snapshots, out)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_zero_step_whose_gradient_alone_is_nan_is_skipped(stage, tmp_path):
+    out = tmp_path / "steps.pt"
+    run_distributed(_nan_gradient_worker, 1,
+                    tiny_overrides(tmp_path, f"parallel.zero_stage={stage}", "train.precision=bf16"), out)
+    first, bad, after = torch.load(out, weights_only=False)
+    assert bad["loss"] == bad["loss"]  # the loss was finite: only the gradient tells
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], bad["params"]))
+    assert not all(torch.equal(a, b) for a, b in zip(bad["params"], after["params"]))
+    assert [s["lr_epoch"] for s in (first, bad, after)] == [1, 1, 2]
+    assert [s["skipped"] for s in (first, bad, after)] == [0, 1, 1]
+    assert [s["deepspeed_skipped"] for s in (first, bad, after)] == [0, 1, 1]

@@ -3,7 +3,8 @@
 On a GPU, `.item()`, `nonzero` (boolean-mask indexing) and friends make the host wait for every queued kernel;
 gloo and the CPU hide that cost, so this counts the ops themselves with the profiler. A step that is not a logging
 step may read the device once: the step-boundary verdict (NaN/inf anywhere, stop signal anywhere), which every rank
-needs before it steps the optimizer.
+needs before it steps the optimizer. DeepSpeed's ZeRO-1/2 step reads once more, whether the gradient norm it just
+took is valid; its per-parameter overflow check and per-group clip reads are gone (`install_fused_zero_reductions`).
 """
 
 import json
@@ -56,7 +57,10 @@ VARIANTS = {
     "expert_choice": ["model.moe.router.name=expert_choice"],
     "softmax_topk_capacity": ["model.moe.drop_tokens=true", "model.moe.capacity_factor=1.0"],
     "softmax_topk_accumulation_clipping": ["train.grad_accum_steps=2", "train.grad_clip=0.01"],
+    "zero2_bf16": ["parallel.zero_stage=2", "train.precision=bf16", "train.grad_clip=0.01"],  # the GPU recipes' path
+    "zero1_bf16": ["parallel.zero_stage=1", "train.precision=bf16", "train.grad_clip=0.01"],
 }
+DEEPSPEED_NORM_READS = {"zero2_bf16": 1, "zero1_bf16": 1}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -65,4 +69,4 @@ def test_a_training_step_reads_the_device_at_most_once(variant, tmp_path):
     run_distributed(_profile_steps, 1, tiny_overrides(tmp_path, *VARIANTS[variant]), out)
     counts = json.loads(out.read_text())
     assert counts["aten::nonzero"] == 0, counts
-    assert counts["aten::_local_scalar_dense"] <= MAX_HOST_READS_PER_STEP, counts
+    assert counts["aten::_local_scalar_dense"] <= MAX_HOST_READS_PER_STEP + DEEPSPEED_NORM_READS.get(variant, 0), counts
