@@ -11,9 +11,15 @@
 # (peer/logs/*.profile.txt for each peer run, logs/<recipe>.profile.txt for steps 12-14 of each 350m_e8 recipe).
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
 # it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
+# A shorter check: PEER=0 skips the peer benchmark; RUNS lists the recipe runs, each a recipe name with overrides
+# joined by '+' (RUNS="350m_e8 350m_e8+train.compile=true"); LOG_INTERVAL sets the trainer's (default 10);
+# PROFILE=0 profiles no recipe run; SYNC_PROBE=1 also lists each place that synchronises the GPU with the host in one training step of a 4-layer
+# 350m_e8 (torch.cuda.set_sync_debug_mode; logs/sync_probe.txt in the tarball).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 R=$PWD; SMALL=${SMALL:-0}; OUT=${OUT:-/tmp/gpuout}; BUDGET_S=${BUDGET_S:-460}; PY=${PYTHON:-python3}
+RUNS=${RUNS:-350m_e8 350m_e8_mpi 350m_e8_grmoe}; PEER_RUN=${PEER:-1}; LOG_INTERVAL=${LOG_INTERVAL:-10}
+SYNC_PROBE=${SYNC_PROBE:-0}
 W=${WORK:-/dev/shm/moe_lm_gpu_check}; rm -rf "$W"; O=$W/report; mkdir -p "$O/logs" "$OUT" || exit 1
 pack() {  # the report's four files into $OUT, also when the budget's timeout or a signal ends the script early
   cp "$O"/summary.md "$O"/results.jsonl "$OUT"/ 2>/dev/null; cp "$W"/peer/peer.json "$OUT"/ 2>/dev/null
@@ -43,6 +49,7 @@ else  # toy sizes on CPU: checks that every step runs, not its speed
   PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
         --warmup 1 --steps 2 --timeout 120)
 fi
+[ "${PROFILE:-1}" = 1 ] || PROF=()  # PROFILE=0: no op tables from the recipe runs
 $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 \
   | tee "$O/versions.txt"
@@ -58,7 +65,9 @@ echo "prepare-data: exit $? in $((SECONDS - t0)) s" | tee "$O/prepare.txt"
 
 # the peer benchmark: moe-lm against HF Mixtral at one shape, and every router against softmax_topk
 t0=$SECONDS; limit=$(cap 300)
-if [ "$limit" -ge 60 ]; then
+if [ "$PEER_RUN" = 0 ]; then
+  echo "peer benchmark: not run (PEER=0)"
+elif [ "$limit" -ge 60 ]; then
   timeout "$limit" $PY scripts/peer_benchmark.py "${PEER[@]}" --profile --data-dir "$W/data" --out "$W/peer" -- \
     "${DATA[@]}" > "$O/logs/peer_benchmark.log" 2>&1
   echo "peer benchmark: exit $? in $((SECONDS - t0)) s (limit $limit s)"
@@ -71,15 +80,15 @@ else
 fi
 
 # each 350m_e8 recipe through the CLI (the real training loop: eval, logging, the end-of-run checkpoint)
-run_recipe() {  # run_recipe NAME RECIPE: one line of results.jsonl
-  local name=$1 recipe=$2 t0=$SECONDS limit rc; limit=$(cap 140)
+run_recipe() {  # run_recipe NAME RECIPE [OVERRIDE ...]: one line of results.jsonl
+  local name=$1 recipe=$2 t0=$SECONDS limit rc; shift 2; limit=$(cap 140)
   if [ "$limit" -lt 45 ]; then
     echo "{\"run\": \"$name\", \"skipped\": \"$limit s of the budget left\"}" | tee -a "$O/results.jsonl"; return
   fi
   timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
     train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
-    train.log_interval=10 train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" "${PROF[@]}" \
-    "${TOY[@]}" > "$O/logs/$name.log" 2>&1
+    train.log_interval=$LOG_INTERVAL train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" \
+    "${PROF[@]}" "${TOY[@]}" "$@" > "$O/logs/$name.log" 2>&1
   rc=$?
   cp "$W/runs/$name"/profile/*_rank0.txt "$O/logs/$name.profile.txt" 2>/dev/null  # op tables of 3 training steps
   $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$O/results.jsonl"
@@ -99,9 +108,38 @@ PY
   rm -rf "$W/runs/$name"  # the end-of-run checkpoint of 350m_e8 is ~13 GB
 }
 : > "$O/results.jsonl"
-for recipe in 350m_e8 350m_e8_mpi 350m_e8_grmoe; do
-  run_recipe "$recipe" "recipes/$recipe.yaml"
+for run in $RUNS; do
+  IFS=+ read -r -a parts <<< "$run"
+  run_recipe "$(echo "$run" | tr '+=' '__')" "recipes/${parts[0]}.yaml" "${parts[@]:1}"
 done
+
+if [ "$SYNC_PROBE" = 1 ] && [ "$(cap 60)" -ge 45 ]; then
+  timeout "$(cap 60)" $PY - "${DATA[@]}" "${TOY[@]}" train.micro_batch_size=$MB model.n_layers=4 \
+    run.dir="$W/runs/sync_probe" wandb.mode=disabled > "$O/logs/sync_probe.txt" 2>&1 <<'PY'
+import collections, sys, traceback, warnings
+import torch
+from moe_lm.config import load_config
+from moe_lm.train import Trainer
+
+trainer = Trainer(load_config("recipes/350m_e8.yaml", sys.argv[1:]), progress=False)
+for _ in range(3):
+    trainer._train_step(log=False)
+sites = collections.Counter()
+def record(message, *args, **kwargs):
+    frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-6:]
+    sites["".join(traceback.format_list(frames))] += 1
+warnings.showwarning = record
+warnings.simplefilter("always")
+if torch.cuda.is_available():
+    torch.cuda.set_sync_debug_mode("warn")
+trainer._train_step(log=False)
+torch.cuda.set_sync_debug_mode(0) if torch.cuda.is_available() else None
+print(f"{sum(sites.values())} synchronising calls in one training step (not a logging step), by call site:")
+for site, count in sites.most_common():
+    print(f"\n--- {count}x\n{site}")
+PY
+  echo "sync probe: exit $?" | tee -a "$O/prepare.txt"
+fi
 
 $PY - "$O" "$SECONDS" "$STEPS" <<'PY' | tee "$O/summary.md"
 import json, os, sys

@@ -32,8 +32,14 @@ def rope_tables(seq_len: int, head_dim: int, theta: float,
 
 def apply_rope(x_BHSDh: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate each interleaved pair (x[2i], x[2i+1]) by its position's angle: one complex multiplication,
-    (x1 + i·x2)·(cos + i·sin), in fp32 (a single pass, where four real products and a stack took five)."""
+    (x1 + i·x2)·(cos + i·sin), in fp32 (a single pass in eager mode, where four real products and a stack took
+    five). Under torch.compile the same product in real arithmetic: inductor does not lower complex ops (each
+    would run as its own eager kernel) but fuses the real form into one kernel."""
     seq = x_BHSDh.shape[-2]
+    if torch.compiler.is_compiling():
+        x1, x2 = x_BHSDh.float().unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[:seq].float(), sin[:seq].float()
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), -1).flatten(-2).to(x_BHSDh.dtype)
     pairs = torch.view_as_complex(x_BHSDh.float().unflatten(-1, (-1, 2)))
     rotated = torch.view_as_real(pairs * torch.complex(cos[:seq].float(), sin[:seq].float())).flatten(-2)
     return rotated.to(x_BHSDh.dtype)

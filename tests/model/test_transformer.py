@@ -4,8 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import load_config
+from moe_lm.model.layers import CausalSelfAttention, rope_tables
 from moe_lm.model.transformer import MoETransformer, count_parameters
 
 
@@ -134,3 +136,23 @@ def test_compiling_the_dense_modules_keeps_checkpoint_keys_and_leaves_moe_layers
     assert list(model.state_dict()) == keys
     assert all(block.attn._compiled_call_impl is not None for block in model.blocks)
     assert all(layer._compiled_call_impl is None for layer in model.moe_layers())
+
+
+def test_compiled_attention_rotates_in_real_arithmetic_with_the_eager_result(monkeypatch):
+    """inductor does not lower complex ops, so the traced RoPE takes the real form, which it fuses. Traced here
+    with the aot_eager backend: the same graph as inductor gets, without a C++ build."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the test environment turns dynamo off elsewhere
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    cos, sin = rope_tables(16, 8, 10000.0)
+    eager = attn(x, cos, sin)
+    (eager_grad,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled_attn = torch.compile(attn, backend="aot_eager")
+    compiled = compiled_attn(x, cos, sin)
+    (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        compiled_attn(x, cos, sin)
+    assert not {e.name for e in prof.events()} & {"aten::view_as_complex", "aten::view_as_real", "aten::complex"}
