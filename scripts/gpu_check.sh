@@ -38,6 +38,7 @@ if [ "$SMALL" = 0 ]; then
     echo "no wheels in $WHEELS: using the installed packages"; export PYTHONPATH=$R
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  echo "C compiler (torch.compile's triton needs one): $(command -v cc gcc | head -n 1)"
   MAXB=20000000; STEPS=30; MB=8; TOY=()
   PROF=(train.profile_start=12 train.profile_steps=3)  # inside steps 11-20: the last interval, 21-30, stays clean
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8

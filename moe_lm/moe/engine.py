@@ -77,6 +77,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, world_size, bf16))
     measure_grad_norm = install_moe_grad_clipping(engine) or install_fused_zero_reductions(engine)
+    install_bf16_overflow_verdict(engine)
     if world_size == 1 and not (engine.zero_optimization() or bf16):
         # nothing to reduce; DeepSpeed would still flatten, "reduce" and copy back every gradient (ZeRO and its
         # bf16 optimizer also move gradients into their own buffers there, so they keep the call)
@@ -241,3 +242,22 @@ def install_fused_zero_reductions(engine: deepspeed.DeepSpeedEngine) -> Callable
     zero.unscale_and_clip_grads = unscale_and_clip_grads
     zero.has_overflow = has_overflow
     return measure
+
+
+def install_bf16_overflow_verdict(engine: deepspeed.DeepSpeedEngine) -> None:
+    """bf16 at ZeRO-0 without a host read per parameter.
+
+    DeepSpeed wraps the optimizer there in its FP16_Optimizer, whose overflow check tests the gradients one by one
+    and reads each verdict back to the host: a GPU sync per parameter, ~230 a step at the GPU peer shape. The check
+    takes the trainer's verdict instead, held by the client optimizer (`SkippableAdamW.overflow`) before the step
+    and computed over the same gradients (the module's own, which this wrapper steps from). DeepSpeed then skips a
+    bad step as before."""
+    wrapper = engine.optimizer
+    checker = getattr(wrapper, "overflow_checker", None)
+    if engine.zero_optimization() or not engine.bfloat16_enabled() or checker is None:
+        return
+
+    def has_overflow(params, has_moe_params=None) -> bool:
+        return bool(wrapper.optimizer.overflow)
+
+    checker.has_overflow = has_overflow

@@ -2,9 +2,9 @@
 
 - ZeRO-0 fp32: the gradient norm and clip cover each stacked expert gradient in one piece, with the result of one
   piece per parameter.
-- ZeRO-1/2: the gradient norm is DeepSpeed's, from one fused pass instead of one per parameter, and a step whose
-  gradient (not its loss) is NaN is skipped as DeepSpeed's own check skipped it: no update, no scheduler step,
-  counted.
+- ZeRO-1/2: the gradient norm is DeepSpeed's, from one fused pass instead of one per parameter.
+- bf16 at any ZeRO stage: DeepSpeed's overflow check takes the trainer's verdict, and a step whose gradient (not
+  its loss) is NaN is skipped as DeepSpeed's own check skipped it: no update, no scheduler step, counted.
 """
 
 import json
@@ -108,8 +108,8 @@ def _nan_gradient_worker(rank, world_size, overrides, out):
     torch.save(snapshots, out)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_a_zero_step_whose_gradient_alone_is_nan_is_skipped(stage, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_bf16_step_whose_gradient_alone_is_nan_is_skipped(stage, tmp_path):
     out = tmp_path / "steps.pt"
     run_distributed(_nan_gradient_worker, 1,
                     tiny_overrides(tmp_path, f"parallel.zero_stage={stage}", "train.precision=bf16"), out)

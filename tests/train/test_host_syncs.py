@@ -3,8 +3,9 @@
 On a GPU, `.item()`, `nonzero` (boolean-mask indexing) and friends make the host wait for every queued kernel;
 gloo and the CPU hide that cost, so this counts the ops themselves with the profiler. A step that is not a logging
 step may read the device once: the step-boundary verdict (NaN/inf anywhere, stop signal anywhere), which every rank
-needs before it steps the optimizer. DeepSpeed's ZeRO-1/2 step reads once more, whether the gradient norm it just
-took is valid; its per-parameter overflow check and per-group clip reads are gone (`install_fused_zero_reductions`).
+needs before it steps the optimizer. DeepSpeed's optimizer wrappers read their gradient norm back a fixed number of
+times (`DEEPSPEED_NORM_READS`: whether the norm is valid; at ZeRO-0 bf16 also each group's norm and the total);
+their per-parameter overflow checks and per-group clip reads are gone (`moe_lm/moe/engine.py`).
 """
 
 import json
@@ -57,10 +58,11 @@ VARIANTS = {
     "expert_choice": ["model.moe.router.name=expert_choice"],
     "softmax_topk_capacity": ["model.moe.drop_tokens=true", "model.moe.capacity_factor=1.0"],
     "softmax_topk_accumulation_clipping": ["train.grad_accum_steps=2", "train.grad_clip=0.01"],
+    "bf16": ["train.precision=bf16", "train.grad_clip=0.01"],  # DeepSpeed's FP16_Optimizer, in bf16
     "zero2_bf16": ["parallel.zero_stage=2", "train.precision=bf16", "train.grad_clip=0.01"],  # the GPU recipes' path
     "zero1_bf16": ["parallel.zero_stage=1", "train.precision=bf16", "train.grad_clip=0.01"],
 }
-DEEPSPEED_NORM_READS = {"zero2_bf16": 1, "zero1_bf16": 1}
+DEEPSPEED_NORM_READS = {"bf16": 4, "zero2_bf16": 1, "zero1_bf16": 1}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
