@@ -201,7 +201,8 @@ class TrainConfig:
     memory for about a third more compute. Routing records are taken once per micro-batch, not again in the
     recomputation."""
     compile: bool = False
-    """torch.compile the dense part of each block (attention and norms); the MoE layers stay eager."""
+    """torch.compile the dense part of each block (attention, norms, dense FFN); the MoE layers stay eager. On in
+    the GPU recipes (recipes/train/gpu_pretrain.yaml); inductor needs a C compiler on the machine."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
     materialised, only one chunk of them at a time."""
