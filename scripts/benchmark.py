@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --out runs/bench                       # quickstart scale, every router
     python scripts/benchmark.py --recipe recipes/350m_e8.yaml --routers softmax_topk mpi --out runs/bench_350m
+    python scripts/benchmark.py --out runs/bench_compiled train.compile=true       # routers compiled, as on a GPU
 
 Writes `OUT/benchmark.json` and `OUT/benchmark.md`:
 - router_fwd_bwd_ms: forward + backward of one MoE layer's router on one micro-batch of tokens (median of
@@ -44,13 +45,16 @@ CHECKPOINT_SHAPE = ["model.n_layers=2", "model.seq_len=256", "model.vocab_size=8
 (the CPU path; bf16 is ~30x slower on this kind of CPU), on the embedded stdlib corpus."""
 
 
-def router_fwd_bwd(recipe: str, router: str, repeats: int) -> tuple[float, int]:
-    """(median ms, ops dispatched) of forward + backward of one MoE layer's router on one micro-batch of tokens."""
+def router_fwd_bwd(recipe: str, router: str, repeats: int, overrides: list[str]) -> tuple[float, int]:
+    """(median ms, ops dispatched) of forward + backward of one MoE layer's router on one micro-batch of tokens;
+    compiled as the trainer compiles it where the overrides set `train.compile=true`."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_config(recipe, [f"model.moe.router.name={router}"])
+    cfg = load_config(recipe, [f"model.moe.router.name={router}", *overrides])
     torch.manual_seed(0)
     layer = MoETransformer(cfg.model).moe_layers()[0]
+    if cfg.train.compile:
+        layer.router.compile()
     tokens = cfg.train.micro_batch_size * cfg.model.seq_len
     x = torch.randn(tokens, cfg.model.d_model)
     token_ids = torch.randint(0, cfg.model.vocab_size, (tokens,))
@@ -141,7 +145,7 @@ def main() -> None:
     results = {}
     for router in args.routers:
         print(f"[{router}] router micro-benchmark", flush=True)
-        router_ms, router_ops = router_fwd_bwd(args.recipe, router, args.repeats)
+        router_ms, router_ops = router_fwd_bwd(args.recipe, router, args.repeats, args.overrides)
         print(f"[{router}] {args.steps} training steps", flush=True)
         summary = train(args.recipe, [f"model.moe.router.name={router}", f"train.max_steps={args.steps}",
                                       f"train.eval_interval={10 * args.steps}", "train.eval_batches=1",

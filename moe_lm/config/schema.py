@@ -201,8 +201,9 @@ class TrainConfig:
     memory for about a third more compute. Routing records are taken once per micro-batch, not again in the
     recomputation."""
     compile: bool = False
-    """torch.compile the dense part of each block (attention, norms, dense FFN); the MoE layers stay eager. On in
-    the GPU recipes (recipes/train/gpu_pretrain.yaml); inductor needs a C compiler on the machine."""
+    """torch.compile the parts of each block with fixed shapes (attention, norms, dense FFN, the router); token
+    dispatch and the experts stay eager. On in the GPU recipes (recipes/train/gpu_pretrain.yaml); inductor needs a
+    C compiler on the machine."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
     materialised, only one chunk of them at a time."""

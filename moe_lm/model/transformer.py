@@ -106,12 +106,16 @@ class MoETransformer(nn.Module):
         for layer, counts_E in zip(self.moe_layers(), counts_per_layer):
             layer.router.post_step(counts_E)
 
-    def compile_dense(self) -> None:
-        """torch.compile, in place (state-dict keys unchanged), the dense modules of every block: norms, attention
-        and dense FFNs. MoE layers stay eager: their routing has data-dependent shapes."""
+    def compile_static_parts(self) -> None:
+        """torch.compile, in place (state-dict keys unchanged), every module of a block whose shapes are fixed:
+        norms, attention, dense FFNs and the routers. Token dispatch and the experts stay eager: their shapes
+        depend on the routing. Compiling fuses the many small elementwise ops of each into a few kernels, which
+        matters most for the routers' math over [tokens, experts]."""
         for block in self.blocks:
             for module in (block.attn_norm, block.attn, block.ffn_norm, block.ffn):
-                if not isinstance(module, MoEFeedForward):
+                if isinstance(module, MoEFeedForward):
+                    module.router.compile()
+                else:
                     module.compile()
 
     def forward(self, input_ids_BS: Tensor,

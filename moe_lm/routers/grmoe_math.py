@@ -59,7 +59,9 @@ def _log_kummer_series(a: float, b: float, z: Tensor, num_terms: int) -> tuple[T
     with w: log M = shift + log Σ, and M'/M = Σ_n (a+n)/(b+n) · (c_n z^n / M), a weighted mean of the terms.
     z = 0 is taken as the smallest normal float64 (log z finite), which moves M by less than 1e-307.
     """
-    n_N, log_c_N, weights_2N = _kummer_coefficients(a, b, num_terms, z.device)
+    # traced into the graph under torch.compile (constants there); the cache serves eager forwards
+    coefficients = _kummer_coefficients.__wrapped__ if torch.compiler.is_compiling() else _kummer_coefficients
+    n_N, log_c_N, weights_2N = coefficients(a, b, num_terms, z.device)
     z_flat = z.reshape(-1)
     log_m, ratio = torch.empty_like(z_flat), torch.empty_like(z_flat)
     chunk = max(1, _KUMMER_CHUNK // num_terms)

@@ -94,7 +94,7 @@ class Trainer:
         model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, t.seed, t.activation_checkpointing,
                                t.loss_chunk_tokens).to(self.device)
         if t.compile:
-            model.compile_dense()
+            model.compile_static_parts()
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         # torch's fused AdamW (one kernel for all parameters, CPU or CUDA; no DeepSpeed JIT build) that can skip a
         # non-finite step on every rank (faults.py)

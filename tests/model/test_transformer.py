@@ -129,13 +129,15 @@ def test_activation_checkpointing_changes_memory_not_results_and_records_routing
         torch.testing.assert_close(dataclasses.asdict(after), dataclasses.asdict(before))
 
 
-def test_compiling_the_dense_modules_keeps_checkpoint_keys_and_leaves_moe_layers_eager():
+def test_compiling_keeps_checkpoint_keys_and_leaves_dispatch_and_experts_eager():
     model = MoETransformer(tiny_config().model)
     keys = list(model.state_dict())
-    model.compile_dense()
+    model.compile_static_parts()
     assert list(model.state_dict()) == keys
     assert all(block.attn._compiled_call_impl is not None for block in model.blocks)
+    assert all(layer.router._compiled_call_impl is not None for layer in model.moe_layers())
     assert all(layer._compiled_call_impl is None for layer in model.moe_layers())
+    assert all(expert._compiled_call_impl is None for layer in model.moe_layers() for expert in layer.local_experts)
 
 
 def test_compiled_attention_rotates_in_real_arithmetic_with_the_eager_result(monkeypatch):

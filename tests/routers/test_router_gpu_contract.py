@@ -2,6 +2,8 @@
 
 - Every parameter and buffer is contiguous, at construction and after optimizer steps: `deepspeed.initialize`
   broadcasts them over NCCL, which rejects strided tensors ("Tensors must be contiguous"); gloo accepts them.
+- A compiled router (`train.compile`) takes the eager router's training step, in one process and across an
+  expert-parallel group.
 - A training forward + backward of the router reads nothing back to the host. `.item()`, `.tolist()`, `float(t)`,
   `nonzero`, boolean-mask indexing and `bincount` each wait for the GPU stream to drain, once per MoE layer and
   micro-batch. On CPU the torch profiler still records the aten ops they go through (`HOST_SYNC_OPS`), and the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -167,3 +170,58 @@ def test_the_sync_counter_sees_item_tolist_and_mask_indexing():
     counts = count_host_syncs(lambda: (float(x.sum()), x.tolist(), x[x > 0]))
     assert counts["aten::_local_scalar_dense"] == 1 and counts["Tensor.tolist"] == 1 and counts["aten::nonzero"] == 1
     assert count_host_syncs(lambda: x.sum() * 2) == {}
+
+
+def _compiled_and_eager_steps(build, x_TD: torch.Tensor) -> tuple:
+    """One training step of a router built by `build()`, eager and compiled (aot_eager: dynamo's graph and
+    autograd's, run as eager ops, so no C++ build and the same random numbers), from the same state and seed."""
+    os.environ["TORCHDYNAMO_DISABLE"] = "0"  # the test environment turns dynamo off
+    results = []
+    for compiled in (False, True):
+        layer = build()
+        layer.train()
+        if compiled:
+            layer.router.compile(backend="aot_eager")
+        torch.manual_seed(2)
+        out = router_step(layer, x_TD)
+        grads = {name: p.grad for name, p in layer.router.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    return results
+
+
+def assert_same_step(eager, compiled) -> None:
+    (out_e, grads_e), (out_c, grads_c) = eager, compiled
+    for field in ("expert_ids_TK", "weights_TK", "token_ids_EC", "weights_EC"):
+        if getattr(out_e, field, None) is not None:
+            torch.testing.assert_close(getattr(out_c, field), getattr(out_e, field), msg=field)
+    torch.testing.assert_close({k: v.detach() for k, v in out_c.aux_losses.items()},
+                               {k: v.detach() for k, v in out_e.aux_losses.items()})
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], msg=name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_a_compiled_router_takes_the_eager_step(variant, monkeypatch):
+    """`train.compile` compiles each router (`compile_static_parts`): dynamo must trace it whole, options and
+    all, to the same routing, aux losses and gradients."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    name, options = variant
+    x_TD = torch.randn(T, 128, generator=torch.Generator().manual_seed(1))
+    assert_same_step(*_compiled_and_eager_steps(lambda: build_model(name, options).moe_layers()[0], x_TD))
+
+
+def _compiled_expert_parallel_worker(rank: int, world_size: int) -> None:
+    for name in REGISTRY:
+        def build():
+            layer = build_model(name, [], ep_size=world_size, ep_rank=rank).moe_layers()[0]
+            layer.set_deepspeed_parallelism()
+            return layer
+        x_TD = torch.randn(T, 128, generator=torch.Generator().manual_seed(rank))
+        assert_same_step(*_compiled_and_eager_steps(build, x_TD))
+
+
+def test_a_compiled_router_takes_the_eager_step_across_an_expert_parallel_group():
+    """ep_size=2 over gloo: the collectives inside the routers (global balance sums, mpi's all-gather) are traced
+    or split the graph, and the step stays the eager one."""
+    run_distributed(_compiled_expert_parallel_worker, 2, timeout_s=300)

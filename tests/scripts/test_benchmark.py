@@ -29,7 +29,7 @@ def test_router_measurement_counts_the_ops_each_router_dispatches(benchmark):
     recipe = str(ROOT / "recipes" / "quickstart.yaml")
     ops = {}
     for router in ("softmax_topk", "grmoe"):
-        ms, ops[router] = benchmark.router_fwd_bwd(recipe, router, repeats=1)
+        ms, ops[router] = benchmark.router_fwd_bwd(recipe, router, repeats=1, overrides=[])
         assert ms > 0
     # a linear layer and a softmax, against subspace frames, Bingham normalisers and their losses
     assert 0 < ops["softmax_topk"] < ops["grmoe"]
