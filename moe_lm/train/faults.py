@@ -72,8 +72,8 @@ class SkippableAdamW(torch.optim.AdamW):
 
     While `overflow` is True, `step()` leaves every parameter and moment untouched, and a DeepSpeed engine that
     holds this optimizer directly (ZeRO-0, fp32) counts a skipped step and does not advance the LR scheduler.
-    DeepSpeed's ZeRO-1/2 and bf16 wrappers run their own NaN/inf check and skip the same way; when they hold this
-    optimizer, the flag makes their inner step a no-op too.
+    DeepSpeed's ZeRO-1/2 and bf16 wrappers take this flag as their own NaN/inf verdict (`moe_lm/moe/engine.py`), and
+    skip and count the step the same way.
     """
 
     def __init__(self, *args, **kwargs):

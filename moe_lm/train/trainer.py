@@ -191,7 +191,9 @@ class Trainer:
     def _boundary_flags(self, loss_sums: torch.Tensor) -> bool:
         """One all-reduce at the accumulation boundary, so every rank takes the same decisions: is this step bad
         (a NaN/inf loss or local gradient on any rank; returned), and did any rank get a stop signal (sets
-        `stop_requested`, acted on at the end of the step). The only host read of a training step."""
+        `stop_requested`, acted on at the end of the step). moe-lm's only host read in a training step; DeepSpeed's
+        optimizer wrappers add a fixed few (tests/train/test_host_syncs.py). Under ZeRO-1/2 and in bf16 the
+        wrappers take this verdict as their own overflow check (`moe_lm/moe/engine.py`)."""
         grads_ok = (torch.isfinite(self.measure_grad_norm()) if self.measure_grad_norm
                     else grads_finite(self.model.parameters()))
         local_bad = ~torch.isfinite(loss_sums).all() | ~grads_ok
