@@ -213,7 +213,7 @@ def test_a_compiled_router_takes_the_eager_step(variant, monkeypatch):
 
 def _compiled_expert_parallel_worker(rank: int, world_size: int) -> None:
     for name in REGISTRY:
-        def build():
+        def build(name=name):
             layer = build_model(name, [], ep_size=world_size, ep_rank=rank).moe_layers()[0]
             layer.set_deepspeed_parallelism()
             return layer
