@@ -41,8 +41,8 @@ if [ "$SMALL" = 0 ]; then
   echo "C compiler (torch.compile's triton needs one): $(command -v cc gcc | head -n 1)"
   MAXB=20000000; STEPS=30; MB=8; TOY=()
   PROF=(train.profile_start=12 train.profile_steps=3)  # inside steps 11-20: the last interval, 21-30, stays clean
-  # the routers issue 10 sets targets for; HF's grouped_mm experts ran at 0.54x-0.58x its eager ones in both
-  # H200 runs that measured them (docs/performance.md), so only eager, HF's best there, keeps the peer runs inside their 300 s
+  # the routers issue 10 sets targets for; HF's grouped_mm experts ran at 0.54x-0.58x its eager ones in both H200
+  # runs that measured them (docs/performance.md): eager alone, HF's best there, keeps the peer runs inside 300 s
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
         --warmup 3 --steps 10 --timeout 120 --routers softmax_topk grmoe mpi --hf-experts eager)
 else  # toy sizes on CPU: checks that every step runs, not its speed
