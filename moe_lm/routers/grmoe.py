@@ -33,7 +33,7 @@ from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (all_reduce_sum, switch_load_balancing_loss, topk_routing,
                                       update_balance_bias)
-from moe_lm.routers.grmoe_math import (bingham_log_likelihood, diag_gaussian_kl, gumbel_topk_routing,
+from moe_lm.routers.grmoe_math import (bingham_log_likelihood, diag_gaussian_kl, gumbel_topk_routing, log_kummer,
                                        marginal_kl_to_uniform, mixture_negative_log_likelihood, orthonormal_frames,
                                        subspace_affinity, subspace_overlap, topk_mass_min_gap)
 
@@ -306,7 +306,7 @@ class GrMoERouter(PostHocSparsity, Router):
         kappa_E = self.concentrations()
         sample = self.training  # VI noise and Gumbel sampling in training; means and top-k in evaluation
 
-        kl_T = vi_sigma_TE = None
+        kl_T = vi_sigma_TE = log_norm_E = None
         if cfg.variational == "concentration":
             mu_TE, vi_sigma_TE = self._vi_net_outputs(x_TD)
             delta_TE = mu_TE + vi_sigma_TE * torch.randn_like(mu_TE) if sample else mu_TE
@@ -315,8 +315,9 @@ class GrMoERouter(PostHocSparsity, Router):
                                                self.kappa_cap)
             kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_scale)
         else:
+            log_norm_E = log_kummer(self.subspace_dim / 2, self.routing_dim / 2, kappa_E, self.kappa_cap)
             scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim,
-                                               self.kappa_cap)
+                                               self.kappa_cap, log_norm_E)
         alpha = self.alpha
         if sample and cfg.alpha_jitter > 0:
             log_jitter_T1 = (2 * torch.rand(scores_TE.shape[0], 1, device=scores_TE.device) - 1) * cfg.alpha_jitter
@@ -345,7 +346,9 @@ class GrMoERouter(PostHocSparsity, Router):
             losses["balance"] = marginal_kl_to_uniform(probs_TE)
             losses["separation"] = overlap / self.subspace_dim
             if cfg.likelihood_coef > 0:
-                losses["likelihood"] = self._mixture_likelihood_loss(x_hat_TM.detach(), frames_EMP, kappa_E.detach())
+                shared_norm_E = None if log_norm_E is None else log_norm_E.detach()
+                losses["likelihood"] = self._mixture_likelihood_loss(x_hat_TM.detach(), frames_EMP, kappa_E.detach(),
+                                                                     shared_norm_E)
             if kl_T is not None:
                 losses["kl"] = kl_T.mean()
             if cfg.load_balance_coef > 0:
@@ -353,14 +356,16 @@ class GrMoERouter(PostHocSparsity, Router):
         stats = self._stats(probs_TE, kappa_E, overlap, vi_sigma_TE)
         return RouterOutput(probs_TE, expert_ids_TK, weights_TK, losses, stats)
 
-    def _mixture_likelihood_loss(self, x_hat_TM: Tensor, frames_EMP: Tensor, kappa_E: Tensor) -> Tensor:
-        """L_lik of the token lines centred on the global batch mean (all ranks), renormalised. The token sum and
-        count are reduced in one collective."""
+    def _mixture_likelihood_loss(self, x_hat_TM: Tensor, frames_EMP: Tensor, kappa_E: Tensor,
+                                 log_norm_E: Tensor | None) -> Tensor:
+        """L_lik of the token lines centred on the global batch mean (all ranks), renormalised, under the experts'
+        concentrations κ_E; `log_norm_E`, their Bingham normalisers, where the scores already took them. The token
+        sum and count are reduced in one collective."""
         sums_M1 = all_reduce_sum(torch.cat([x_hat_TM.sum(0), x_hat_TM.new_full((1,), float(x_hat_TM.shape[0]))]))
         num_tokens = sums_M1[-1]
         centred_TM = F.normalize(x_hat_TM - sums_M1[:-1] / num_tokens.clamp_min(1.0), dim=-1)
         scores_TE = bingham_log_likelihood(subspace_affinity(centred_TM, frames_EMP), kappa_E, self.subspace_dim,
-                                           self.routing_dim, self.kappa_cap)
+                                           self.routing_dim, self.kappa_cap, log_norm_E)
         return mixture_negative_log_likelihood(scores_TE, num_tokens)
 
     def _vi_net_outputs(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
