@@ -145,11 +145,12 @@ def router_tensors(router) -> dict[str, Tensor]:
     elif name == "mpi":
         out = {"rows": router.rows}
     elif name == "grmoe":
-        from moe_lm.routers.grmoe_math import log_kummer
+        from moe_lm.routers.grmoe_math import bingham_log_normaliser
 
         kappa_E = router.concentrations()
         out = {"proj.weight": router.proj.weight, "frames": router.frames(), "kappa": kappa_E,
-               "log_normalizer": log_kummer(router.subspace_dim / 2, router.routing_dim / 2, kappa_E, router.kappa_cap)}
+               "log_normalizer": bingham_log_normaliser(kappa_E, router.subspace_dim, router.routing_dim,
+                                                        router.kappa_cap)}
         if router.cfg.variational == "concentration":
             out.update({f"vi_net.{k}": v for k, v in router.vi_net.state_dict().items()})
         if router.cfg.selection_bias == "learned":

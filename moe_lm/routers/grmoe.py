@@ -33,9 +33,9 @@ from moe_lm.config.schema import ConfigError, MoEConfig, RouterConfig
 from moe_lm.routers.base import Diagnostics, PostHocSparsity, Router, RouterOutput
 from moe_lm.routers.functional import (all_reduce_sum, switch_load_balancing_loss, topk_routing,
                                       update_balance_bias)
-from moe_lm.routers.grmoe_math import (bingham_log_likelihood, diag_gaussian_kl, gumbel_topk_routing, log_kummer,
-                                       marginal_kl_to_uniform, mixture_negative_log_likelihood, orthonormal_frames,
-                                       subspace_affinity, subspace_overlap, topk_mass_min_gap)
+from moe_lm.routers.grmoe_math import (bingham_log_likelihood, bingham_log_normaliser, diag_gaussian_kl,
+                                       gumbel_topk_routing, marginal_kl_to_uniform, mixture_negative_log_likelihood,
+                                       orthonormal_frames, subspace_affinity, subspace_overlap, topk_mass_min_gap)
 
 DISPATCH_MODES = ("topk", "sample")
 VARIATIONAL_MODES = ("none", "logit", "concentration")
@@ -315,7 +315,7 @@ class GrMoERouter(PostHocSparsity, Router):
                                                self.kappa_cap)
             kl_T = diag_gaussian_kl(mu_TE, vi_sigma_TE, cfg.prior_scale)
         else:
-            log_norm_E = log_kummer(self.subspace_dim / 2, self.routing_dim / 2, kappa_E, self.kappa_cap)
+            log_norm_E = bingham_log_normaliser(kappa_E, self.subspace_dim, self.routing_dim, self.kappa_cap)
             scores_TE = bingham_log_likelihood(affinity_TE, kappa_E, self.subspace_dim, self.routing_dim,
                                                self.kappa_cap, log_norm_E)
         alpha = self.alpha

@@ -144,19 +144,25 @@ def subspace_affinity(x_hat_TM: Tensor, frames_EMP: Tensor) -> Tensor:
     return torch.einsum("tm,emp->tep", x_hat_TM, frames_EMP).square().sum(-1)
 
 
+def bingham_log_normaliser(kappa: Tensor, subspace_dim: int, routing_dim: int, kappa_cap: float) -> Tensor:
+    """log M(p/2, m/2, κ), the log-normaliser of a Bingham (Watson-type) distribution of concentration κ on a
+    p-dimensional subspace of the m-dimensional routing space, for κ in [0, kappa_cap]. [DERIVED, §1.5]"""
+    return log_kummer(subspace_dim / 2, routing_dim / 2, kappa, kappa_cap)
+
+
 def bingham_log_likelihood(affinity_TE: Tensor, kappa: Tensor, subspace_dim: int, routing_dim: int,
                            kappa_cap: float, log_normaliser: Tensor | None = None) -> Tensor:
     """s[t, e] = κ_e·B[t, e] − log M(p/2, m/2, κ_e): log-density of x̂_t under expert e's Bingham (Watson-type)
     distribution exp(x̂ᵀ κ_e U_eU_eᵀ x̂) / M, relative to the uniform measure on the sphere. [DERIVED, §1.5]
 
     `kappa` is [E] (one concentration per expert) or [T, E] (per-token concentrations, VI option B), within
-    [0, kappa_cap], the bound that sizes the normaliser's series (`log_kummer`).
+    [0, kappa_cap], the bound that sizes the normaliser's series (`bingham_log_normaliser`).
     The normaliser is what stops κ_e from being a free logit bias: ∂s/∂κ_e = B − E_κ[B], so raising κ_e helps
     expert e only on tokens whose affinity beats what its own distribution expects. `log_normaliser`, log M at
     these κ, is taken as given where a caller already has it (its series is most of the ops here).
     """
     if log_normaliser is None:
-        log_normaliser = log_kummer(subspace_dim / 2, routing_dim / 2, kappa, kappa_cap)
+        log_normaliser = bingham_log_normaliser(kappa, subspace_dim, routing_dim, kappa_cap)
     return kappa * affinity_TE - log_normaliser
 
 
