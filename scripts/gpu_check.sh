@@ -7,8 +7,9 @@
 # scripts/peer_benchmark.py at the GPU peer shape (softmax_topk, grmoe, mpi), then train each 350m_e8 recipe 30 steps.
 # Four files land in $OUT (default /tmp/gpuout; the device tool brings back at most 8): summary.md (all results),
 # results.jsonl (one line per recipe: the last logged interval's tokens/s, MFU and peak memory, as the trainer logs
-# them), peer.json, and report.tar.gz with everything else: the logs, and op tables with the GPU's busy share
-# (peer/logs/*.profile.txt for each peer run, logs/<recipe>.profile.txt for steps 12-14 of each 350m_e8 recipe).
+# them, and over the second half of the steps), peer.json, and report.tar.gz with everything else: the logs, and op
+# tables with the GPU's busy share (peer/logs/*.profile.txt for each peer run, logs/<recipe>.profile.txt for each
+# 350m_e8 recipe: 3 steps profiled after the 30 measured ones, so the profiler cannot slow a measured interval).
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
 # it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
 # A shorter check: PEER=0 skips the peer benchmark; RUNS lists the recipe runs, each a recipe name with overrides
@@ -39,20 +40,21 @@ if [ "$SMALL" = 0 ]; then
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "C compiler (torch.compile's triton needs one): $(command -v cc gcc | head -n 1)"
-  MAXB=20000000; STEPS=30; MB=8; TOY=()
-  PROF=(train.profile_start=12 train.profile_steps=3)  # inside steps 11-20: the last interval, 21-30, stays clean
+  MAXB=20000000; STEPS=30; MB=8; TOY=(); PROF_STEPS=3
   # the routers issue 10 sets targets for; HF's grouped_mm experts ran at 0.54x-0.58x its eager ones in both H200
   # runs that measured them (docs/performance.md): eager alone, HF's best there, keeps the peer runs inside 300 s
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
         --warmup 3 --steps 10 --timeout 120 --routers softmax_topk grmoe mpi --hf-experts eager)
 else  # toy sizes on CPU: checks that every step runs, not its speed
   export PYTHONPATH=$R DS_ACCELERATOR=cpu
-  MAXB=2000000; STEPS=3; MB=2; PROF=(train.profile_start=2 train.profile_steps=1)
+  MAXB=2000000; STEPS=3; MB=2; PROF_STEPS=1
   TOY=(model.d_model=64 model.n_heads=2 model.d_ff=128 model.seq_len=64 model.vocab_size=1024)
   PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
         --warmup 1 --steps 2 --timeout 120)
 fi
-[ "${PROFILE:-1}" = 1 ] || PROF=()  # PROFILE=0: no op tables from the recipe runs
+# the profiled steps follow the measured ones; PROFILE=0: no op tables from the recipe runs
+PROF=(train.profile_start=$((STEPS + 1)) train.profile_steps=$PROF_STEPS); TRAIN_STEPS=$((STEPS + PROF_STEPS))
+[ "${PROFILE:-1}" = 1 ] || { PROF=(); TRAIN_STEPS=$STEPS; }
 $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 \
   | tee "$O/versions.txt"
@@ -88,24 +90,45 @@ run_recipe() {  # run_recipe NAME RECIPE [OVERRIDE ...]: one line of results.jso
   if [ "$limit" -lt 45 ]; then
     echo "{\"run\": \"$name\", \"skipped\": \"$limit s of the budget left\"}" | tee -a "$O/results.jsonl"; return
   fi
-  timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$STEPS train.micro_batch_size=$MB \
+  timeout "$limit" $PY -m moe_lm.cli train "$recipe" "${DATA[@]}" train.max_steps=$TRAIN_STEPS train.micro_batch_size=$MB \
     train.grad_accum_steps=1 train.warmup_steps=5 train.eval_interval=100000 train.eval_batches=2 \
     train.log_interval=$LOG_INTERVAL train.checkpoint_verify=size wandb.mode=disabled run.dir="$W/runs/$name" \
     "${PROF[@]}" "${TOY[@]}" "$@" > "$O/logs/$name.log" 2>&1
   rc=$?
   cp "$W/runs/$name"/profile/*_rank0.txt "$O/logs/$name.profile.txt" 2>/dev/null  # op tables of 3 training steps
-  $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" <<'PY' | tee -a "$O/results.jsonl"
-import json, os, sys
-run_dir, name, recipe, rc, wall = sys.argv[1:6]
-last = {}
+  $PY - "$W/runs/$name" "$name" "$recipe" "$rc" "$((SECONDS - t0))" "$STEPS" "$O/logs/$name.profile.txt" <<'PY' \
+    | tee -a "$O/results.jsonl"
+import json, os, re, sys
+run_dir, name, recipe, rc, wall, steps, profile = sys.argv[1:8]
+steps = int(steps)
+rows = []  # the logged intervals of the measured steps: (last step, tokens/s, step time, row)
 if os.path.exists(f"{run_dir}/metrics.jsonl"):
     for line in open(f"{run_dir}/metrics.jsonl"):
         row = json.loads(line)
-        if "perf/tokens_per_s" in row:
-            last = row
+        if "perf/tokens_per_s" in row and row["step"] <= steps:
+            rows.append(row)
+last = rows[-1] if rows else {}
+# the second half: total tokens over total time of the intervals that start after step steps/2
+tokens = seconds = 0.0
+late_from = None
+for before, row in zip([{"step": 0}] + rows, rows):
+    if before["step"] >= steps // 2:
+        late_from = late_from or before["step"] + 1
+        interval_s = (row["step"] - before["step"]) * row["perf/step_time_s"]
+        tokens, seconds = tokens + row["perf/tokens_per_s"] * interval_s, seconds + interval_s
+gpu_ms = busy = None  # from the op tables' header: "steps a-b, rank 0: W s of wall time ..., G s of GPU kernel time"
+if os.path.exists(profile):
+    head = re.match(r"steps (\d+)-(\d+).*?([\d.]+) s of wall time.*?([\d.]+) s of GPU kernel time", open(profile).readline())
+    if head:
+        first, end, wall_s, gpu_s = int(head[1]), int(head[2]), float(head[3]), float(head[4])
+        gpu_ms, busy = 1e3 * gpu_s / (end - first + 1), gpu_s / wall_s
 print(json.dumps({"run": name, "recipe": recipe, "exit": int(rc), "wall_s": int(wall), "step": last.get("step"),
                   "tokens_per_s": last.get("perf/tokens_per_s"), "step_time_s": last.get("perf/step_time_s"),
-                  "mfu": last.get("perf/mfu"), "peak_mem_gib": last.get("perf/peak_mem_gib")}))
+                  "mfu": last.get("perf/mfu"), "peak_mem_gib": last.get("perf/peak_mem_gib"),
+                  "late_from_step": late_from, "tokens_per_s_late": tokens / seconds if seconds else None,
+                  "mfu_late": (last.get("perf/mfu") or 0) * tokens / seconds / last["perf/tokens_per_s"]
+                  if seconds and last else None,
+                  "gpu_kernel_ms_per_step": gpu_ms, "gpu_busy_profiled": busy}))
 PY
   [ "$rc" = 0 ] || tail -n 12 "$O/logs/$name.log"
   rm -rf "$W/runs/$name"  # the end-of-run checkpoint of 350m_e8 is ~13 GB
@@ -151,15 +174,19 @@ def fmt(value, spec):
     return "–" if value is None else format(value, spec)
 print(f"# GPU check ({open(f'{out}/versions.txt').read().strip()})\n")
 print(open(f"{out}/prepare.txt").read().strip() + "\n")
-print(f"| recipe ({steps} steps) | exit | wall (s) | tokens/s (last interval) | step (s) | MFU | peak mem (GiB) |")
-print("|---|---|---|---|---|---|---|")
-for line in open(f"{out}/results.jsonl"):
-    r = json.loads(line)
+rows = [json.loads(line) for line in open(f"{out}/results.jsonl")]
+half = f"steps {next((r['late_from_step'] for r in rows if r.get('late_from_step')), '?')}-{steps}"
+print(f"| recipe ({steps} steps) | exit | wall (s) | tokens/s (last interval) | step (s) | MFU | tokens/s ({half}) | "
+      f"MFU ({half}) | peak mem (GiB) | GPU kernel ms/step (profiled) | GPU busy (profiled) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
     if "skipped" in r:
-        print(f"| {r['run']} | skipped: {r['skipped']} | | | | | |")
+        print(f"| {r['run']} | skipped: {r['skipped']} | | | | | | | | | |")
         continue
     print(f"| {r['run']} | {r['exit']} | {r['wall_s']} | {fmt(r['tokens_per_s'], ',.0f')} | "
-          f"{fmt(r['step_time_s'], '.3f')} | {fmt(r['mfu'], '.2%')} | {fmt(r['peak_mem_gib'], '.1f')} |")
+          f"{fmt(r['step_time_s'], '.3f')} | {fmt(r['mfu'], '.2%')} | {fmt(r['tokens_per_s_late'], ',.0f')} | "
+          f"{fmt(r['mfu_late'], '.2%')} | {fmt(r['peak_mem_gib'], '.1f')} | "
+          f"{fmt(r['gpu_kernel_ms_per_step'], '.1f')} | {fmt(r['gpu_busy_profiled'], '.0%')} |")
 peer = f"{out}/peer/peer.md"
 print("\n" + (open(peer).read() if os.path.exists(peer) else "(no peer benchmark result: see logs/peer_benchmark.log)"))
 print(f"\ntotal {total} s")

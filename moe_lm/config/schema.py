@@ -204,6 +204,9 @@ class TrainConfig:
     """torch.compile the parts of each block with fixed shapes (attention, norms, dense FFN, the router); token
     dispatch and the experts stay eager. On in the GPU recipes (recipes/train/gpu_pretrain.yaml); inductor needs a
     C compiler on the machine."""
+    compile_mode: str = "default"
+    """torch.compile's mode for `compile`: default, reduce-overhead (each compiled region replays as a CUDA graph:
+    fewer kernel launches from the host, more memory held), max-autotune or max-autotune-no-cudagraphs."""
     loss_chunk_tokens: int = 4096
     """Tokens per chunk of the fused lm-head + cross-entropy: the full [tokens, vocab] fp32 logits are never
     materialised, only one chunk of them at a time."""
@@ -256,6 +259,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
@@ -296,6 +302,8 @@ def validate(cfg: Config) -> None:
              f"must be auto, nccl or gloo, got {p.backend!r}")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
              f"must be auto, fp32 or bf16, got {t.precision!r}")
+    _require(t.compile_mode in COMPILE_MODES, "train.compile_mode",
+             f"must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
     _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")

@@ -35,11 +35,16 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, token_ids_BS: Tensor) -> tuple[Tensor, Tensor | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x, h = self.attend(x, cos, sin)
         if isinstance(self.ffn, MoEFeedForward):
-            y, l_aux = self.ffn(self.ffn_norm(x), token_ids_BS)
+            y, l_aux = self.ffn(h, token_ids_BS)
             return x + y, l_aux
-        return x + self.ffn(self.ffn_norm(x)), None
+        return x + self.ffn(h), None
+
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The attention half with its residual, and the FFN's normed input: (x, ffn_norm(x))."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x, self.ffn_norm(x)
 
 
 def _recompute_without_records() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
@@ -106,17 +111,18 @@ class MoETransformer(nn.Module):
         for layer, counts_E in zip(self.moe_layers(), counts_per_layer):
             layer.router.post_step(counts_E)
 
-    def compile_static_parts(self) -> None:
-        """torch.compile, in place (state-dict keys unchanged), every module of a block whose shapes are fixed:
-        norms, attention, dense FFNs and the routers. Token dispatch and the experts stay eager: their shapes
-        depend on the routing. Compiling fuses the many small elementwise ops of each into a few kernels, which
-        matters most for the routers' math over [tokens, experts]."""
+    def compile_static_parts(self, backend: str = "inductor", mode: str = "default") -> None:
+        """torch.compile, in place (state-dict keys unchanged), every part of a block whose shapes are fixed: a
+        dense block whole, and in an MoE block the attention half (`Block.attend`) and the router. Token dispatch
+        and the experts stay eager: their shapes depend on the routing. Compiling fuses the many small elementwise
+        ops into a few kernels (most of all the routers' math over [tokens, experts]), and few, large compiled
+        regions keep the host's cost per region (guards, autograd wrappers, launches) low."""
         for block in self.blocks:
-            for module in (block.attn_norm, block.attn, block.ffn_norm, block.ffn):
-                if isinstance(module, MoEFeedForward):
-                    module.router.compile()
-                else:
-                    module.compile()
+            if isinstance(block.ffn, MoEFeedForward):
+                block.attend = torch.compile(block.attend, backend=backend, mode=mode)
+                block.ffn.router.compile(backend=backend, mode=mode)
+            else:
+                block.compile(backend=backend, mode=mode)
 
     def forward(self, input_ids_BS: Tensor,
                 targets_BS: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor]:

@@ -94,7 +94,9 @@ class Trainer:
         model = MoETransformer(cfg.model, cfg.parallel.ep_size, ep_rank, t.seed, t.activation_checkpointing,
                                t.loss_chunk_tokens).to(self.device)
         if t.compile:
-            model.compile_static_parts()
+            model.compile_static_parts(mode=t.compile_mode)
+        # CUDA graphs (reduce-overhead) reuse their output memory: each forward starts a new generation of them
+        self.cuda_graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         # torch's fused AdamW (one kernel for all parameters, CPU or CUDA; no DeepSpeed JIT build) that can skip a
         # non-finite step on every rank (faults.py)
@@ -154,6 +156,7 @@ class Trainer:
         for micro in range(t.grad_accum_steps):
             batch_ids = ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
             inputs, targets = make_batch(self.train_data, batch_ids)
+            self._mark_forward()
             _, lm_loss, aux_loss = self.engine(inputs.to(self.device, non_blocking=True),
                                                targets.to(self.device, non_blocking=True))
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
@@ -250,6 +253,10 @@ class Trainer:
         ckpt.log(f"resumed from {path} at step {self.step} ({self.consumed_samples} samples consumed"
                  f"{'' if load_optimizer else ', optimizer state not loaded'})")
 
+    def _mark_forward(self) -> None:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss over fixed validation batches; every rank runs the same batches, so the MoE all-to-alls stay matched.
@@ -258,6 +265,7 @@ class Trainer:
         sums = torch.zeros(len(self.data.val), 2, device=self.device, dtype=torch.float64)  # loss·tokens, tokens
         for source, ids in self.val_batches:
             inputs, targets = make_batch(self.data.val[source].dataset, rank_slice(ids, self.rank, self.world))
+            self._mark_forward()
             _, lm_loss, _ = self.engine(inputs.to(self.device), targets.to(self.device))
             tokens = torch.tensor(float(targets.numel()), dtype=torch.float64, device=self.device)
             sums[source] += torch.stack([lm_loss.double() * tokens, tokens])

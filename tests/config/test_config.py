@@ -28,6 +28,7 @@ def test_every_recipe_loads_and_builds_on_the_meta_device(recipe):
     (["model.n_heads=3"], "model.n_heads"),
     (["wandb.mode=sometimes"], "wandb.mode"),
     (["train.profile_steps=0"], "train.profile_steps"),
+    (["train.compile_mode=fast"], "train.compile_mode"),
     (["train.profile_start=301"], "train.profile_start"),  # the quickstart trains 300 steps
 ])
 def test_bad_values_name_their_key(override, key):

@@ -9,6 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from moe_lm.config import load_config
 from moe_lm.model.layers import CausalSelfAttention, rope_tables
 from moe_lm.model.transformer import MoETransformer, count_parameters
+from moe_lm.moe import MoEFeedForward
 
 
 def tiny_config(*overrides):
@@ -129,12 +130,18 @@ def test_activation_checkpointing_changes_memory_not_results_and_records_routing
         torch.testing.assert_close(dataclasses.asdict(after), dataclasses.asdict(before))
 
 
-def test_compiling_keeps_checkpoint_keys_and_leaves_dispatch_and_experts_eager():
-    model = MoETransformer(tiny_config().model)
+def test_compiling_keeps_checkpoint_keys_and_leaves_dispatch_and_experts_eager(monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")  # the test environment turns dynamo off elsewhere
+    model = MoETransformer(tiny_config("model.n_layers=4", "model.moe.layer_freq=2").model)
     keys = list(model.state_dict())
     model.compile_static_parts()
     assert list(model.state_dict()) == keys
-    assert all(block.attn._compiled_call_impl is not None for block in model.blocks)
+    moe_blocks = [block for block in model.blocks if isinstance(block.ffn, MoEFeedForward)]
+    dense_blocks = [block for block in model.blocks if block not in moe_blocks]
+    assert moe_blocks and dense_blocks
+    assert all(block._compiled_call_impl is not None for block in dense_blocks)  # one region per dense block
+    assert all(block._compiled_call_impl is None and hasattr(block.attend, "_torchdynamo_orig_callable")
+               for block in moe_blocks)
     assert all(layer.router._compiled_call_impl is not None for layer in model.moe_layers())
     assert all(layer._compiled_call_impl is None for layer in model.moe_layers())
     assert all(expert._compiled_call_impl is None for layer in model.moe_layers() for expert in layer.local_experts)
@@ -158,3 +165,29 @@ def test_compiled_attention_rotates_in_real_arithmetic_with_the_eager_result(mon
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         compiled_attn(x, cos, sin)
     assert not {e.name for e in prof.events()} & {"aten::view_as_complex", "aten::view_as_real", "aten::complex"}
+
+
+@pytest.mark.parametrize("activation_checkpointing", [False, True])
+def test_a_compiled_model_takes_the_eager_step(activation_checkpointing, monkeypatch):
+    """`train.compile`: the compiled regions (dense blocks whole, the attention half and the router of MoE blocks)
+    give the eager loss and gradients, also recomputed under activation checkpointing. aot_eager traces the graphs
+    inductor would get, without a C++ build."""
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    torch._dynamo.reset()
+    cfg = tiny_config("model.n_layers=4", "model.moe.layer_freq=2").model
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    steps = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = MoETransformer(cfg, activation_checkpointing=activation_checkpointing)
+        if compiled:
+            model.compile_static_parts(backend="aot_eager")
+        _, lm_loss, aux_loss = model(tokens, tokens.roll(-1, 1))
+        (lm_loss + aux_loss).backward()
+        steps.append((lm_loss.detach(), aux_loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_e, aux_e, grads_e), (loss_c, aux_c, grads_c) = steps
+    torch.testing.assert_close(loss_c, loss_e)
+    torch.testing.assert_close(aux_c, aux_e)
+    assert grads_c.keys() == grads_e.keys()
+    for name, grad in grads_e.items():
+        torch.testing.assert_close(grads_c[name], grad, msg=name)
