@@ -52,8 +52,9 @@ else  # toy sizes on CPU: checks that every step runs, not its speed
   PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
         --warmup 1 --steps 2 --timeout 120)
 fi
-# the profiled steps follow the measured ones; PROFILE=0: no op tables from the recipe runs
-PROF=(train.profile_start=$((STEPS + 1)) train.profile_steps=$PROF_STEPS); TRAIN_STEPS=$((STEPS + PROF_STEPS))
+# the profiled steps follow the measured ones, and one more step follows them (the last step logs and evaluates);
+# PROFILE=0: no op tables from the recipe runs
+PROF=(train.profile_start=$((STEPS + 1)) train.profile_steps=$PROF_STEPS); TRAIN_STEPS=$((STEPS + PROF_STEPS + 1))
 [ "${PROFILE:-1}" = 1 ] || { PROF=(); TRAIN_STEPS=$STEPS; }
 $PY -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" 2>&1 | tail -n 1 \
@@ -116,19 +117,24 @@ for before, row in zip([{"step": 0}] + rows, rows):
         late_from = late_from or before["step"] + 1
         interval_s = (row["step"] - before["step"]) * row["perf/step_time_s"]
         tokens, seconds = tokens + row["perf/tokens_per_s"] * interval_s, seconds + interval_s
-gpu_ms = busy = None  # from the op tables' header: "steps a-b, rank 0: W s of wall time ..., G s of GPU kernel time"
+gpu_ms = busy = ops = None  # from the op tables' header: "steps a-b, rank 0: W s of wall time ..., G s of GPU
+# kernel time (..), N aten ops dispatched"
 if os.path.exists(profile):
-    head = re.match(r"steps (\d+)-(\d+).*?([\d.]+) s of wall time.*?([\d.]+) s of GPU kernel time", open(profile).readline())
-    if head:
-        first, end, wall_s, gpu_s = int(head[1]), int(head[2]), float(head[3]), float(head[4])
-        gpu_ms, busy = 1e3 * gpu_s / (end - first + 1), gpu_s / wall_s
+    line = open(profile).readline()
+    first, end = map(int, re.match(r"steps (\d+)-(\d+)", line).groups())
+    gpu = re.search(r"([\d.]+) s of wall time.*?([\d.]+) s of GPU kernel time", line)
+    count = re.search(r"(\d+) aten ops dispatched", line)
+    if gpu:
+        gpu_ms, busy = 1e3 * float(gpu[2]) / (end - first + 1), float(gpu[2]) / float(gpu[1])
+    if count:
+        ops = int(count[1]) // (end - first + 1)
 print(json.dumps({"run": name, "recipe": recipe, "exit": int(rc), "wall_s": int(wall), "step": last.get("step"),
                   "tokens_per_s": last.get("perf/tokens_per_s"), "step_time_s": last.get("perf/step_time_s"),
                   "mfu": last.get("perf/mfu"), "peak_mem_gib": last.get("perf/peak_mem_gib"),
                   "late_from_step": late_from, "tokens_per_s_late": tokens / seconds if seconds else None,
                   "mfu_late": (last.get("perf/mfu") or 0) * tokens / seconds / last["perf/tokens_per_s"]
                   if seconds and last else None,
-                  "gpu_kernel_ms_per_step": gpu_ms, "gpu_busy_profiled": busy}))
+                  "gpu_kernel_ms_per_step": gpu_ms, "gpu_busy_profiled": busy, "aten_ops_per_step": ops}))
 PY
   [ "$rc" = 0 ] || tail -n 12 "$O/logs/$name.log"
   rm -rf "$W/runs/$name"  # the end-of-run checkpoint of 350m_e8 is ~13 GB
@@ -177,16 +183,17 @@ print(open(f"{out}/prepare.txt").read().strip() + "\n")
 rows = [json.loads(line) for line in open(f"{out}/results.jsonl")]
 half = f"steps {next((r['late_from_step'] for r in rows if r.get('late_from_step')), '?')}-{steps}"
 print(f"| recipe ({steps} steps) | exit | wall (s) | tokens/s (last interval) | step (s) | MFU | tokens/s ({half}) | "
-      f"MFU ({half}) | peak mem (GiB) | GPU kernel ms/step (profiled) | GPU busy (profiled) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+      f"MFU ({half}) | peak mem (GiB) | GPU kernel ms/step (profiled) | GPU busy (profiled) | aten ops/step |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "skipped" in r:
-        print(f"| {r['run']} | skipped: {r['skipped']} | | | | | | | | | |")
+        print(f"| {r['run']} | skipped: {r['skipped']} | | | | | | | | | | |")
         continue
     print(f"| {r['run']} | {r['exit']} | {r['wall_s']} | {fmt(r['tokens_per_s'], ',.0f')} | "
           f"{fmt(r['step_time_s'], '.3f')} | {fmt(r['mfu'], '.2%')} | {fmt(r['tokens_per_s_late'], ',.0f')} | "
           f"{fmt(r['mfu_late'], '.2%')} | {fmt(r['peak_mem_gib'], '.1f')} | "
-          f"{fmt(r['gpu_kernel_ms_per_step'], '.1f')} | {fmt(r['gpu_busy_profiled'], '.0%')} |")
+          f"{fmt(r['gpu_kernel_ms_per_step'], '.1f')} | {fmt(r['gpu_busy_profiled'], '.0%')} | "
+          f"{fmt(r['aten_ops_per_step'], ',')} |")
 peer = f"{out}/peer/peer.md"
 print("\n" + (open(peer).read() if os.path.exists(peer) else "(no peer benchmark result: see logs/peer_benchmark.log)"))
 print(f"\ntotal {total} s")

@@ -102,6 +102,10 @@ class MoETransformer(nn.Module):
         """The routing record of each MoE layer's last training forward (`moe_lm.moe.routing_record`)."""
         return [layer.gate.record for layer in self.moe_layers()]
 
+    def routing_counts(self) -> Tensor:
+        """[L, E] assignment counts of each MoE layer's last training forward (kept by records and counts alike)."""
+        return torch.stack([layer.gate.counts_E for layer in self.moe_layers()])
+
     def needs_step_counts(self) -> bool:
         """Whether some router keeps per-step state (e.g. an expert bias) that `after_step` must feed."""
         return any(layer.router.needs_step_counts for layer in self.moe_layers())

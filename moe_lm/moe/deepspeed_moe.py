@@ -56,27 +56,40 @@ def balanced_assignment(num_tokens: int, slots: int, num_experts: int, device: t
     return torch.full((num_tokens, slots), 1.0 / slots, device=device), ids_TK
 
 
-_recording = True
+_recording = "records"  # "records", "counts" (assignment counts only) or "off"
 
 
 @contextlib.contextmanager
-def routing_records_paused() -> Iterator[None]:
-    """No routing records inside: activation checkpointing runs each block's forward again during backward, and
-    the record of that recomputation must not replace (or cost as much as) the one taken in the forward."""
+def _recording_mode(mode: str) -> Iterator[None]:
     global _recording
-    previous, _recording = _recording, False
+    previous = _recording
+    _recording = "off" if previous == "off" else mode  # nothing is recorded inside a paused forward
     try:
         yield
     finally:
         _recording = previous
 
 
+def routing_records_paused() -> contextlib.AbstractContextManager[None]:
+    """No routing records inside: activation checkpointing runs each block's forward again during backward, and
+    the record of that recomputation must not replace (or cost as much as) the one taken in the forward."""
+    return _recording_mode("off")
+
+
+def routing_counts_only() -> contextlib.AbstractContextManager[None]:
+    """Inside, each MoE layer keeps only its assignment counts (`RouterGate.counts_E`), no routing record: a
+    training step that does not log needs at most the counts (routers with per-step state), and a record costs
+    some twenty small kernels a layer, which a GPU step bound by the host pays in full."""
+    return _recording_mode("counts")
+
+
 class RouterGate(nn.Module):
     """A moe-lm `Router`, its weighted aux loss and the routing record of the last training micro-batch.
 
     Sits where DeepSpeed's `TopKGate` was (`deepspeed_moe.gate`), so checkpoint keys are
-    `...deepspeed_moe.gate.router.*`. The record is kept in training with grad enabled (or always, with
-    `record_always`, for evaluation sweeps), never inside `routing_records_paused`.
+    `...deepspeed_moe.gate.router.*`. The record and the assignment counts are kept in training with grad enabled
+    (or always, with `record_always`, for evaluation sweeps), never inside `routing_records_paused`; inside
+    `routing_counts_only`, the counts alone.
     """
 
     def __init__(self, router: Router, moe_cfg: MoEConfig, local_expert_w1: Callable[[], Tensor]):
@@ -86,6 +99,7 @@ class RouterGate(nn.Module):
         self.force_balanced_routing = moe_cfg.force_balanced_routing
         self.local_expert_w1 = local_expert_w1
         self.record: RoutingRecord | None = None
+        self.counts_E: Tensor | None = None
         self.record_always = False
 
     def _set_ep_group(self, ep_group) -> None:
@@ -106,7 +120,10 @@ class RouterGate(nn.Module):
         return out, l_aux
 
     def keep_record(self, out: RouterOutput, counts_E: Tensor, kept_counts_E: Tensor) -> None:
-        if _recording and ((self.training and torch.is_grad_enabled()) or self.record_always):
+        if _recording == "off" or not ((self.training and torch.is_grad_enabled()) or self.record_always):
+            return
+        self.counts_E = counts_E
+        if _recording == "records":
             self.record = routing_record(out, counts_E, kept_counts_E)
 
 

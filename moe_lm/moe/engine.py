@@ -200,6 +200,8 @@ def install_fused_zero_reductions(engine: deepspeed.DeepSpeedEngine) -> Callable
     - the overflow check by the trainer's verdict, which the client optimizer holds in `overflow` before the step
       (`SkippableAdamW`), already all-reduced over every rank. DeepSpeed then skips a bad step as before: no
       update, no scheduler step, `skipped_steps` counted.
+    - the re-pointing of every parameter at its slice of the flat bit16 buffer after each step by a check that
+      each still is (DeepSpeed's comment: "we probably don't need this? just to be safe").
 
     moe-lm has no pipeline or tensor parallelism, so every gradient counts once (DeepSpeed's replica and
     model-parallel filters select them all). Returns `measure()`, the norm over this rank's reduced gradient
@@ -238,9 +240,22 @@ def install_fused_zero_reductions(engine: deepspeed.DeepSpeedEngine) -> Callable
         grads = [g for group in zero.averaged_gradients.values() if group is not None for g in group if g is not None]
         return _squared_norm(grads, zero.device)
 
+    rebind = zero._update_model_bit16_weights
+    bound: dict[int, list[int]] = {}
+
+    def update_model_bit16_weights(group_index: int) -> None:
+        # after every step DeepSpeed points each parameter at its slice of the group's flat buffer again ("just to
+        # be safe": five ops a parameter, host work only); kept while the buffer and every parameter are unmoved
+        key = [zero.bit16_groups_flat[group_index].data_ptr()] + [p.data_ptr() for p in zero.bit16_groups[group_index]]
+        if bound.get(group_index) != key:
+            rebind(group_index)
+            bound[group_index] = ([zero.bit16_groups_flat[group_index].data_ptr()]
+                                  + [p.data_ptr() for p in zero.bit16_groups[group_index]])
+
     zero.get_grad_norm_direct = get_grad_norm_direct
     zero.unscale_and_clip_grads = unscale_and_clip_grads
     zero.has_overflow = has_overflow
+    zero._update_model_bit16_weights = update_model_bit16_weights
     return measure
 
 

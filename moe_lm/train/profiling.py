@@ -45,19 +45,21 @@ class StepProfiler:
 
 
 def op_tables(prof: profile, wall_s: float, label: str, cuda: bool, rows: int = 40) -> str:
-    """Self time per op and input shapes, with the wall time (and on CUDA the GPU's busy share) above."""
+    """Self time per op and input shapes, with the wall time, the ops dispatched (`dispatched_ops`) and on CUDA the
+    GPU's busy share above."""
     ops = prof.key_averages(group_by_input_shape=True)
+    dispatched = f"{dispatched_ops(prof.events())} aten ops dispatched"
 
     def table(sort: str) -> str:
         return ops.table(sort_by=sort, row_limit=rows, max_name_column_width=40, max_shapes_column_width=80)
 
     header = f"{label}: {wall_s:.3f} s of wall time (profiler on)"
     if not cuda:
-        return f"{header}\n\n{table('self_cpu_time_total')}"
+        return f"{header}, {dispatched}\n\n{table('self_cpu_time_total')}"
     # kernels, copies and memsets only: an op's row repeats its kernels' time, and an annotation spans others
     busy = sum(e.self_device_time_total for e in ops
                if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
-    return (f"{header}, {busy:.3f} s of GPU kernel time ({busy / wall_s:.0%} busy)\n\n"
+    return (f"{header}, {busy:.3f} s of GPU kernel time ({busy / wall_s:.0%} busy), {dispatched}\n\n"
             f"By GPU time:\n{table('self_cuda_time_total')}\nBy host time:\n{table('self_cpu_time_total')}")
 
 

@@ -16,6 +16,7 @@ in a row stop the run. Rank 0 holds the run directory's lock (`run_dir.py`) from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import weakref
@@ -31,7 +32,7 @@ from moe_lm.data import make_batch, open_training_data, prepare_training_data, r
 from moe_lm.metrics import (RoutingTracker, ThroughputMeter, build_loggers, diagnostics_metrics, peak_flops,
                             read_wandb_id)
 from moe_lm.model.transformer import MoETransformer, count_parameters
-from moe_lm.moe.deepspeed_moe import stable_seed
+from moe_lm.moe.deepspeed_moe import routing_counts_only, stable_seed
 from moe_lm.moe.engine import build_engine, expert_param_groups, grad_norm
 from moe_lm.train.faults import SecondInterrupt, SkippableAdamW, StopSignals, TrainingDiverged, grads_finite
 from moe_lm.train.host_memory import keep_freed_host_memory
@@ -153,15 +154,22 @@ class Trainer:
         ids = rank_slice(self.sampler.global_batch(self.consumed_samples, t.global_batch_size(self.world)),
                          self.rank, self.world)
         sums = torch.zeros(2, device=self.device)  # lm loss, aux loss, summed over micro-batches
+        needs_counts = self.model.needs_step_counts()
+        counts_LE = None  # without `log`, the step's assignment counts (summed over micro-batches), if needed
         for micro in range(t.grad_accum_steps):
             batch_ids = ids[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
             inputs, targets = make_batch(self.train_data, batch_ids)
             self._mark_forward()
-            _, lm_loss, aux_loss = self.engine(inputs.to(self.device, non_blocking=True),
-                                               targets.to(self.device, non_blocking=True))
+            with contextlib.nullcontext() if log else routing_counts_only():  # records only where they are logged
+                _, lm_loss, aux_loss = self.engine(inputs.to(self.device, non_blocking=True),
+                                                   targets.to(self.device, non_blocking=True))
             sums += torch.stack([lm_loss.detach().float(), aux_loss.detach().float()])
-            for layer, record in enumerate(self.model.routing_records()):
-                self.tracker.record(layer, record)
+            if log:
+                for layer, record in enumerate(self.model.routing_records()):
+                    self.tracker.record(layer, record)
+            elif needs_counts:
+                micro_LE = self.model.routing_counts().double()
+                counts_LE = micro_LE if counts_LE is None else counts_LE + micro_LE
             # backward even on a NaN/inf loss: every rank must run the same backward collectives
             self.engine.backward(lm_loss + aux_loss)
             if micro == t.grad_accum_steps - 1:  # before the optimizer step: skip it on every rank if any is bad
@@ -170,17 +178,19 @@ class Trainer:
         bad = self.client_optimizer.overflow
         self.consumed_samples += t.global_batch_size(self.world)
         self.step += 1
-        needs_counts = self.model.needs_step_counts()
-        if needs_counts or log:
+        if log:
             self.tracker.reduce()
+            if needs_counts:
+                counts_LE = torch.stack([self.tracker.layer_counts(i) for i in range(self.tracker.num_moe_layers)])
+        elif needs_counts:
+            dist.all_reduce(counts_LE)  # the counts of every rank, as the tracker's reduction gives them
         if bad:
             self._count_bad_step()
         else:
             self.bad_streak = 0
             if needs_counts:
-                self.model.after_step([self.tracker.layer_counts(i) for i in range(self.tracker.num_moe_layers)])
+                self.model.after_step(list(counts_LE.unbind(0)))
         if not log:
-            self.tracker.reset()
             return {}
         metrics = self.tracker.compute()
         dist.all_reduce(sums)

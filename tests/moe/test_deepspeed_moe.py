@@ -6,7 +6,8 @@ from torch.nn.functional import one_hot
 from deepspeed.moe.layer import MoE
 
 from moe_lm.config import load_config
-from moe_lm.moe import MoEFeedForward, capacity_slots, expert_capacity, grouped_swiglu, routing_records_paused
+from moe_lm.moe import (MoEFeedForward, capacity_slots, expert_capacity, grouped_swiglu, routing_counts_only,
+                        routing_records_paused)
 from moe_lm.moe.dispatch import sort_by_expert, stack_weights
 from moe_lm.routers import REGISTRY, build_router
 
@@ -198,6 +199,21 @@ def test_no_routing_record_is_taken_while_records_are_paused():
     with routing_records_paused():
         layer(torch.randn(T, D))
     assert layer.gate.record is record
+
+
+def test_a_forward_that_only_counts_keeps_the_counts_and_no_record():
+    """A training step that does not log runs under `routing_counts_only`: routers with per-step state still get
+    the assignment counts, and no routing record is built; a paused recomputation inside it keeps nothing."""
+    layer = make_layer()
+    layer(torch.randn(T, D))
+    record = layer.gate.record
+    with routing_counts_only():
+        layer(torch.randn(T, D))
+        counts = layer.gate.counts_E
+        with routing_records_paused():
+            layer(torch.randn(T, D))
+    assert layer.gate.record is record
+    assert layer.gate.counts_E is counts and counts.sum() == T * K and not torch.equal(counts, record.counts_E)
 
 
 def test_capacity_drops_are_recorded_per_expert():

@@ -2,7 +2,8 @@
 
 - ZeRO-0 fp32: the gradient norm and clip cover each stacked expert gradient in one piece, with the result of one
   piece per parameter.
-- ZeRO-1/2: the gradient norm is DeepSpeed's, from one fused pass instead of one per parameter.
+- ZeRO-1/2: the gradient norm is DeepSpeed's, from one fused pass instead of one per parameter; the parameters
+  stay slices of DeepSpeed's flat buffers without being re-pointed there after every step.
 - bf16 at any ZeRO stage: DeepSpeed's overflow check takes the trainer's verdict, and a step whose gradient (not
   its loss) is NaN is skipped as DeepSpeed's own check skipped it: no update, no scheduler step, counted.
 """
@@ -91,6 +92,40 @@ def test_the_zero_gradient_norm_is_deepspeeds_from_one_fused_pass(stage, tmp_pat
         assert row["norm"] == pytest.approx(row["reference"], rel=1e-5)
         assert row["deepspeed_ops"] >= row["gradients"] > 1  # DeepSpeed: at least one op per gradient
         assert row["fused_ops"] <= 12  # fused: a fixed handful, however many gradients
+
+
+def _param_binding_worker(rank, world_size, overrides, out):
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    zero = trainer.engine.optimizer
+    rebinding_ops = []
+    try:
+        for _ in range(3):
+            trainer._train_step(log=False)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:  # what DeepSpeed runs after each step
+                for i in range(len(zero.bit16_groups)):
+                    zero._update_model_bit16_weights(i)
+            rebinding_ops.append(dispatched_ops(prof.events()))
+        bound = all(p.data_ptr() == zero.bit16_groups_flat[i].narrow(0, offset, p.numel()).data_ptr()
+                    for i, group in enumerate(zero.round_robin_bit16_groups)
+                    for p, offset in zip(group, zero.round_robin_bit16_offsets[i]))
+        out.write_text(json.dumps({"bound": bound, "rebinding_ops": rebinding_ops}))
+    finally:
+        trainer._release_run_dir()
+
+
+@pytest.mark.parametrize("stage, precision", [(1, "bf16"), (2, "fp32")])
+def test_parameters_stay_slices_of_the_flat_buffer_without_being_pointed_there_again_each_step(stage, precision,
+                                                                                                tmp_path):
+    """DeepSpeed re-points every parameter at its slice of the flat bit16 buffer after each ZeRO step; moe-lm keeps
+    that only for a parameter or buffer that moved, so the step does no per-parameter work there."""
+    out = tmp_path / "binding.json"
+    run_distributed(_param_binding_worker, 1, tiny_overrides(tmp_path, f"parallel.zero_stage={stage}",
+                                                             f"train.precision={precision}"), out)
+    result = json.loads(out.read_text())
+    assert result["bound"]
+    assert result["rebinding_ops"] == [0, 0, 0]
 
 
 def _nan_gradient_worker(rank, world_size, overrides, out):

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from moe_lm.config import load_config
 from tests.distributed_utils import run_distributed
@@ -67,6 +68,7 @@ def test_each_rank_writes_the_op_tables_and_trace_of_the_profiled_steps(tmp_path
     for rank in (0, 1):
         table = (folder / f"steps2-3_rank{rank}.txt").read_text()
         assert table.startswith(f"steps 2-3, rank {rank}: ")
+        assert int(table.splitlines()[0].split(", ")[-1].split()[0]) > 100  # "... N aten ops dispatched"
         assert table.count("aten::") >= 10 and "Self CPU time total" in table  # ops by self time and input shape
         assert json.loads((folder / f"steps2-3_rank{rank}.trace.json").read_text())["traceEvents"]
 
@@ -76,6 +78,41 @@ def test_router_is_swapped_by_name_from_the_command_line(tmp_path):
                                               "train.eval_interval=2", "metrics.diagnostics_interval=1"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["router"] == "mpi" and summary["steps"] == 2
+
+
+def _train_steps_and_save_the_model(rank, world_size, overrides, log, out):
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    try:
+        for _ in range(3):
+            trainer._train_step(log=log)
+        if not log:
+            assert trainer.model.routing_records() == [None] * len(trainer.model.moe_layers())
+        if rank == 0:
+            torch.save(trainer.model.state_dict(), out)
+    finally:
+        trainer._release_run_dir()
+
+
+def test_steps_that_do_not_log_take_no_routing_records_and_train_the_same(tmp_path):
+    """Without logging a step builds no routing record, yet a router with per-step state (the expert bias of
+    aux-loss-free balancing) gets the same all-reduced counts: 2 ranks, 2 micro-batches, logged or not, end at the
+    same weights and biases."""
+    states = []
+    for log in (True, False):
+        out, run_root = tmp_path / f"model_log_{log}.pt", tmp_path / f"log_{log}"
+        run_root.mkdir()
+        overrides = tiny_overrides(run_root, "model.moe.router.bias_update_rate=0.01",
+                                   "train.grad_accum_steps=2", "train.micro_batch_size=2")
+        run_distributed(_train_steps_and_save_the_model, 2, overrides, log, out)
+        states.append(torch.load(out))
+    logged, silent = states
+    biases = [key for key in logged if key.endswith("balance_bias_E")]
+    assert biases and all(logged[key].abs().sum() > 0 for key in biases)
+    assert logged.keys() == silent.keys()
+    for key in logged:
+        assert torch.equal(logged[key], silent[key]), key
 
 
 def _check_expert_weights_stack_in_place(rank, world_size, overrides):
