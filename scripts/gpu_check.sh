@@ -13,13 +13,13 @@
 # Each step has a timeout, and the whole stays within BUDGET_S seconds (default 460): steps that would start past
 # it are skipped and say so. Runs and data go to $WORK (default /dev/shm/moe_lm_gpu_check; removed first).
 # A shorter check: PEER=0 skips the peer benchmark; RUNS lists the recipe runs, each a recipe name with overrides
-# joined by '+' (RUNS="350m_e8 350m_e8+train.compile=true"); LOG_INTERVAL sets the trainer's (default 10);
+# joined by '+' (RUNS="350m_e8 350m_e8+train.compile=true"); LOG_INTERVAL sets the trainer's (default 10, 1 with SMALL=1);
 # PROFILE=0 profiles no recipe run; SYNC_PROBE=1 also lists each place that synchronises the GPU with the host in one training step of a 4-layer
 # 350m_e8 (torch.cuda.set_sync_debug_mode; logs/sync_probe.txt in the tarball).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=true
 R=$PWD; SMALL=${SMALL:-0}; OUT=${OUT:-/tmp/gpuout}; BUDGET_S=${BUDGET_S:-460}; PY=${PYTHON:-python3}
-RUNS=${RUNS:-350m_e8 350m_e8_mpi 350m_e8_grmoe}; PEER_RUN=${PEER:-1}; LOG_INTERVAL=${LOG_INTERVAL:-10}
+RUNS=${RUNS:-350m_e8 350m_e8_mpi 350m_e8_grmoe}; PEER_RUN=${PEER:-1}
 SYNC_PROBE=${SYNC_PROBE:-0}
 W=${WORK:-/dev/shm/moe_lm_gpu_check}; rm -rf "$W"; O=$W/report; mkdir -p "$O/logs" "$OUT" || exit 1
 pack() {  # the report's four files into $OUT, also when the budget's timeout or a signal ends the script early
@@ -40,14 +40,14 @@ if [ "$SMALL" = 0 ]; then
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo "C compiler (torch.compile's triton needs one): $(command -v cc gcc | head -n 1)"
-  MAXB=20000000; STEPS=30; MB=8; TOY=(); PROF_STEPS=3
+  MAXB=20000000; STEPS=30; MB=8; TOY=(); PROF_STEPS=3; LOG_INTERVAL=${LOG_INTERVAL:-10}
   # the routers issue 10 sets targets for; HF's grouped_mm experts ran at 0.54x-0.58x its eager ones in both H200
   # runs that measured them (docs/performance.md): eager alone, HF's best there, keeps the peer runs inside 300 s
   PEER=(--layers 8 --d 1024 --heads 16 --experts 8 --topk 2 --ffn 2816 --vocab 50304 --seq 2048 --batch 8
         --warmup 3 --steps 10 --timeout 120 --routers softmax_topk grmoe mpi --hf-experts eager)
 else  # toy sizes on CPU: checks that every step runs, not its speed
   export PYTHONPATH=$R DS_ACCELERATOR=cpu
-  MAXB=2000000; STEPS=3; MB=2; PROF_STEPS=1
+  MAXB=2000000; STEPS=3; MB=2; PROF_STEPS=1; LOG_INTERVAL=${LOG_INTERVAL:-1}
   TOY=(model.d_model=64 model.n_heads=2 model.d_ff=128 model.seq_len=64 model.vocab_size=1024)
   PEER=(--layers 2 --d 64 --heads 2 --experts 8 --topk 2 --ffn 128 --vocab 1024 --seq 64 --batch 2
         --warmup 1 --steps 2 --timeout 120)
