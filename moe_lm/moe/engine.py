@@ -243,14 +243,15 @@ def install_fused_zero_reductions(engine: deepspeed.DeepSpeedEngine) -> Callable
     rebind = zero._update_model_bit16_weights
     bound: dict[int, list[int]] = {}
 
+    def addresses(group_index: int) -> list[int]:
+        return [zero.bit16_groups_flat[group_index].data_ptr()] + [p.data_ptr() for p in zero.bit16_groups[group_index]]
+
     def update_model_bit16_weights(group_index: int) -> None:
         # after every step DeepSpeed points each parameter at its slice of the group's flat buffer again ("just to
-        # be safe": five ops a parameter, host work only); kept while the buffer and every parameter are unmoved
-        key = [zero.bit16_groups_flat[group_index].data_ptr()] + [p.data_ptr() for p in zero.bit16_groups[group_index]]
-        if bound.get(group_index) != key:
+        # be safe": several ops a parameter, host work only); not while the buffer and every parameter are unmoved
+        if bound.get(group_index) != addresses(group_index):
             rebind(group_index)
-            bound[group_index] = ([zero.bit16_groups_flat[group_index].data_ptr()]
-                                  + [p.data_ptr() for p in zero.bit16_groups[group_index]])
+            bound[group_index] = addresses(group_index)
 
     zero.get_grad_norm_direct = get_grad_norm_direct
     zero.unscale_and_clip_grads = unscale_and_clip_grads
