@@ -201,9 +201,9 @@ class TrainConfig:
     memory for about a third more compute. Routing records are taken once per micro-batch, not again in the
     recomputation."""
     compile: bool = False
-    """torch.compile the parts of each block with fixed shapes (attention, norms, dense FFN, the router); token
-    dispatch and the experts stay eager. On in the GPU recipes (recipes/train/gpu_pretrain.yaml); inductor needs a
-    C compiler on the machine."""
+    """torch.compile the parts of the model with fixed shapes: each dense block whole, and in each MoE block the
+    attention half and the router; token dispatch and the experts stay eager. On in the GPU recipes
+    (recipes/train/gpu_pretrain.yaml); inductor needs a C compiler on the machine."""
     compile_mode: str = "default"
     """torch.compile's mode for `compile`: default, reduce-overhead (each compiled region replays as a CUDA graph:
     fewer kernel launches from the host, more memory held), max-autotune or max-autotune-no-cudagraphs."""
@@ -260,6 +260,8 @@ class Config:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""The `train.compile_mode`s whose compiled regions replay as CUDA graphs."""
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -99,7 +99,8 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
 
     def routing_records(self) -> list[RoutingRecord | None]:
-        """The routing record of each MoE layer's last training forward (`moe_lm.moe.routing_record`)."""
+        """The routing record of each MoE layer's last training forward that took one (`moe_lm.moe.routing_record`;
+        not inside `routing_counts_only`, as the trainer's steps that do not log run)."""
         return [layer.gate.record for layer in self.moe_layers()]
 
     def routing_counts(self) -> Tensor:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from moe_lm import checkpoint as ckpt
 from moe_lm.config import Config, ConfigError, to_dict, to_yaml
+from moe_lm.config.schema import CUDA_GRAPH_MODES
 from moe_lm.data import make_batch, open_training_data, prepare_training_data, rank_slice
 from moe_lm.metrics import (RoutingTracker, ThroughputMeter, build_loggers, diagnostics_metrics, peak_flops,
                             read_wandb_id)
@@ -97,7 +98,7 @@ class Trainer:
         if t.compile:
             model.compile_static_parts(mode=t.compile_mode)
         # CUDA graphs (reduce-overhead) reuse their output memory: each forward starts a new generation of them
-        self.cuda_graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
+        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
         self.bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         # torch's fused AdamW (one kernel for all parameters, CPU or CUDA; no DeepSpeed JIT build) that can skip a
         # non-finite step on every rank (faults.py)
