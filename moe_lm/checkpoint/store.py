@@ -125,11 +125,14 @@ class Layout:
 
     def optimizer_changes(self, now: Layout) -> list[str]:
         """'key: saved -> now' for each difference in what the optimizer shards depend on (`check_compatible` decides
-        whether the state can follow: by parameter name for world size / ep_size under ZeRO-0 fp32)."""
+        whether the state can follow: by parameter name for world size / ep_size under ZeRO-0 fp32). ZeRO-1 and
+        ZeRO-2 write the same optimizer partitions (ZeRO-2 also shards gradients, which no checkpoint holds), so a
+        change between them is none."""
         names = {"world_size": "world size", "ep_size": "parallel.ep_size", "zero_stage": "parallel.zero_stage",
                  "bf16": "bf16"}
         return [f"{label} {getattr(self, key)} -> {getattr(now, key)}" for key, label in names.items()
-                if getattr(self, key) != getattr(now, key)]
+                if getattr(self, key) != getattr(now, key)
+                and not (key == "zero_stage" and min(self.zero_stage, now.zero_stage) >= 1)]
 
 
 @dataclass
@@ -604,6 +607,9 @@ def check_compatible(path: Path, manifest: dict[str, Any], config: dict[str, Any
         log("resuming with settings that differ from the checkpoint's, so this is not an exact continuation: "
             + ", ".join(differences))
     changes = saved_layout.optimizer_changes(layout)
+    if saved_layout.zero_stage != layout.zero_stage and not changes:
+        log(f"parallel.zero_stage {saved_layout.zero_stage} -> {layout.zero_stage}: ZeRO-1 and ZeRO-2 keep the same "
+            f"optimizer partitions, so the optimizer state loads as saved")
     if not changes:
         return not weights_only
     if weights_only:

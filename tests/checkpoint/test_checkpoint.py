@@ -218,6 +218,26 @@ def test_layout_change_reshards_the_optimizer_state_or_drops_it_with_weights_onl
         assert all(torch.equal(t, shard[prefix + name]) for name, t in params.items())
 
 
+def _zero_stage_change_worker(rank, world, root):
+    """A ZeRO-2 run of MAX_STEPS, then ZeRO-1 runs resumed from its step-4 checkpoint: with the optimizer state, and
+    with weights only."""
+    trainer_for(overrides(root, "zero2", "parallel.zero_stage=2")).train()
+    source = root / "zero2" / "checkpoints" / "step_00000004"
+    trainer_for(overrides(root, "zero1", "parallel.zero_stage=1", f"train.resume={source}")).train()
+    trainer_for(overrides(root, "zero1_weights", "parallel.zero_stage=1", f"train.resume={source}",
+                          "train.resume_weights_only=true")).train()
+
+
+def test_a_zero2_checkpoint_resumes_under_zero1_with_its_optimizer_state(tmp_path):
+    """ZeRO-1 and ZeRO-2 write the same optimizer partitions, so a run begun under ZeRO-2 (the GPU recipes' stage
+    before ZeRO-1) continues under ZeRO-1 as it would have: one process, fp32, the same gradients either way."""
+    run_distributed(_zero_stage_change_worker, 1, tmp_path, timeout_s=300)
+    full, resumed, fresh = (losses(tmp_path / run) for run in ("zero2", "zero1", "zero1_weights"))
+    assert sorted(resumed) == sorted(fresh) == [5, 6]
+    assert resumed == {step: full[step] for step in (5, 6)}  # same floats, train and validation
+    assert fresh[6] != full[6]  # what a fresh Adam state gives instead
+
+
 def _kill_while_saving_worker(rank, world, root):
     """SIGKILL this process between two expert-shard writes of the step-4 checkpoint."""
     import deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine as engine_module

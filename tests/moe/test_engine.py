@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import load_config
@@ -126,6 +127,42 @@ def test_parameters_stay_slices_of_the_flat_buffer_without_being_pointed_there_a
     result = json.loads(out.read_text())
     assert result["bound"]
     assert result["rebinding_ops"] == [0, 0, 0]
+
+
+def _reductions_worker(rank, world_size, overrides, out):
+    from moe_lm.train import Trainer
+
+    trainer = Trainer(load_config("recipes/quickstart.yaml", overrides), progress=False)
+    zero = trainer.engine.optimizer
+    reduce, reduced = zero.reduce_ready_partitions_and_remove_grads, []
+
+    def counting(param, *args, **kwargs):
+        reduced.append(param)
+        return reduce(param, *args, **kwargs)
+    zero.reduce_ready_partitions_and_remove_grads = counting  # the per-parameter work: hooks, copies, reduction
+    try:
+        trainer._train_step(log=False)
+        out.write_text(json.dumps({"reductions": len(reduced),
+                                   "parameters": sum(p.requires_grad for p in trainer.model.parameters())}))
+    finally:
+        trainer._release_run_dir()
+
+
+def test_the_gpu_recipes_reduce_each_gradient_once_a_step_where_zero2_does_once_a_micro_batch(tmp_path):
+    """ZeRO-2 must reduce after every backward, since each rank keeps only its shard of the gradients; the GPU
+    recipes' ZeRO-1 accumulates the micro-batches' gradients first, so its per-parameter host work and gradient
+    traffic do not grow with `train.grad_accum_steps`."""
+    recipe_stage = OmegaConf.load("recipes/train/gpu_pretrain.yaml").parallel.zero_stage
+    micro_batches, counts = 4, {}
+    for stage in (recipe_stage, 2):
+        out = tmp_path / f"zero{stage}.json"
+        run_distributed(_reductions_worker, 1, tiny_overrides(tmp_path, f"parallel.zero_stage={stage}",
+                                                              "train.precision=bf16",
+                                                              f"train.grad_accum_steps={micro_batches}",
+                                                              f"run.dir={tmp_path / f'run{stage}'}"), out)
+        counts[stage] = json.loads(out.read_text())
+    assert counts[recipe_stage]["reductions"] == counts[recipe_stage]["parameters"]
+    assert counts[2]["reductions"] == micro_batches * counts[2]["parameters"]
 
 
 def _nan_gradient_worker(rank, world_size, overrides, out):

@@ -59,10 +59,12 @@ VARIANTS = {
     "softmax_topk_capacity": ["model.moe.drop_tokens=true", "model.moe.capacity_factor=1.0"],
     "softmax_topk_accumulation_clipping": ["train.grad_accum_steps=2", "train.grad_clip=0.01"],
     "bf16": ["train.precision=bf16", "train.grad_clip=0.01"],  # DeepSpeed's FP16_Optimizer, in bf16
-    "zero2_bf16": ["parallel.zero_stage=2", "train.precision=bf16", "train.grad_clip=0.01"],  # the GPU recipes' path
-    "zero1_bf16": ["parallel.zero_stage=1", "train.precision=bf16", "train.grad_clip=0.01"],
+    "zero2_bf16": ["parallel.zero_stage=2", "train.precision=bf16", "train.grad_clip=0.01"],  # the 2.7b_e32 recipes'
+    # the other GPU recipes' path: ZeRO-1, the reduction after the last of several micro-batches
+    "zero1_bf16_accumulation": ["parallel.zero_stage=1", "train.precision=bf16", "train.grad_accum_steps=4",
+                                "train.grad_clip=0.01"],
 }
-DEEPSPEED_NORM_READS = {"bf16": 4, "zero2_bf16": 1, "zero1_bf16": 1}
+DEEPSPEED_NORM_READS = {"bf16": 4, "zero2_bf16": 1, "zero1_bf16_accumulation": 1}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
