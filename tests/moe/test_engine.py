@@ -12,7 +12,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.profiler import ProfilerActivity, profile
 
 from moe_lm.config import load_config
@@ -152,7 +151,7 @@ def test_the_gpu_recipes_reduce_each_gradient_once_a_step_where_zero2_does_once_
     """ZeRO-2 must reduce after every backward, since each rank keeps only its shard of the gradients; the GPU
     recipes' ZeRO-1 accumulates the micro-batches' gradients first, so its per-parameter host work and gradient
     traffic do not grow with `train.grad_accum_steps`."""
-    recipe_stage = OmegaConf.load("recipes/train/gpu_pretrain.yaml").parallel.zero_stage
+    recipe_stage = load_config("recipes/350m_e8.yaml").parallel.zero_stage
     micro_batches, counts = 4, {}
     for stage in (recipe_stage, 2):
         out = tmp_path / f"zero{stage}.json"
